@@ -1,0 +1,1 @@
+"""Concept sets: the plain-text loader and the built-in vocabularies."""

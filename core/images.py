@@ -1,0 +1,187 @@
+"""Decoding of probe images and the preprocessing that turns them into model inputs.
+
+Decoded images are float32 numpy arrays in [0, 1], shape [H, W] for grey
+images and [H, W, 3] for colour ones.  Mammograms are grey; colour files are
+kept as they are and converted by each model's preprocessing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mammo_dissect.core.errors import ProbeSetError
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file (PNG, JPEG, TIFF, 16-bit PNG or DICOM) to float32 in [0, 1].
+
+    Integer pixels are divided by the maximum of their type (255 for 8-bit,
+    65535 for 16-bit).  DICOM files go through :func:`read_dicom`.
+    Raises :class:`ProbeSetError` naming the file when it is missing or
+    cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ProbeSetError(f"probe image not found: {path}")
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return read_dicom(path)
+    from PIL import Image
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return pil_to_array(image)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ProbeSetError(f"cannot decode probe image {path}: {exc}") from exc
+
+
+def pil_to_array(image: Any) -> np.ndarray:
+    """Convert a Pillow image to float32 in [0, 1] ([H, W] or [H, W, 3])."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        array = np.asarray(image, dtype=np.uint16).astype(np.float32) / 65535.0
+    elif mode == "I":
+        raw = np.asarray(image, dtype=np.int64)
+        # 16-bit PNGs often open as mode "I"; values above 65535 mean 32-bit data.
+        scale = 65535.0 if raw.max(initial=0) <= 65535 else float(np.iinfo(np.int32).max)
+        array = raw.astype(np.float32) / scale
+    elif mode == "F":
+        raw = np.asarray(image, dtype=np.float32)
+        low, high = float(raw.min()), float(raw.max())
+        array = (raw - low) / (high - low) if high > low else np.zeros_like(raw)
+    elif mode in ("L", "P", "1", "LA"):
+        array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    else:
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return np.ascontiguousarray(np.clip(array, 0.0, 1.0), dtype=np.float32)
+
+
+def read_dicom(path: Path) -> np.ndarray:
+    """Decode a DICOM image to float32 in [0, 1], bright tissue on dark background.
+
+    Applies the modality LUT, then the VOI LUT or window when the header has
+    one, inverts MONOCHROME1, and scales by the stored bit depth (or by the
+    window) so 8-, 12- and 16-bit data all land in [0, 1].
+    """
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_voi_lut
+
+    try:
+        dataset = pydicom.dcmread(path)
+        pixels = dataset.pixel_array
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise ProbeSetError(f"cannot decode DICOM file {path}: {type(exc).__name__}: {exc}") from exc
+    if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
+        raise ProbeSetError(f"DICOM file {path} holds {pixels.shape[0]} frames; probe images must be single frames")
+    data = apply_modality_lut(pixels, dataset).astype(np.float64)
+    has_voi = "VOILUTSequence" in dataset or "WindowCenter" in dataset
+    if has_voi:
+        data = apply_voi_lut(data, dataset, index=0).astype(np.float64)
+        low, high = float(data.min()), float(data.max())
+    else:
+        bits = int(dataset.get("BitsStored", 16))
+        low, high = 0.0, float(2**bits - 1)
+        if data.min() < 0:
+            low, high = float(data.min()), float(data.max())
+    scaled = (data - low) / (high - low) if high > low else np.zeros_like(data)
+    if dataset.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return np.ascontiguousarray(np.clip(scaled, 0.0, 1.0), dtype=np.float32)
+
+
+def dicom_metadata(path: Path) -> dict[str, Any]:
+    """Read patient, study, laterality, view and pixel spacing from a DICOM header."""
+    import pydicom
+
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    laterality = dataset.get("ImageLaterality") or dataset.get("Laterality")
+    spacing = dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing")
+    return {
+        "patient_id": str(dataset.get("PatientID", "")) or None,
+        "study_id": str(dataset.get("StudyInstanceUID", "")) or None,
+        "laterality": str(laterality) if laterality else None,
+        "view": str(dataset.get("ViewPosition", "")) or None,
+        "pixel_spacing": [float(value) for value in spacing] if spacing else None,
+        "photometric_interpretation": str(dataset.get("PhotometricInterpretation", "")) or None,
+        "bits_stored": int(dataset.get("BitsStored", 0)) or None,
+    }
+
+
+class ImagePreprocess:
+    """Resize, channel handling and normalisation of a decoded image for one model.
+
+    Calling the object on a decoded image returns a float32 tensor [C, H, W].
+    :meth:`describe` returns the steps as plain data, stored with the run.
+    """
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        channels: int = 3,
+        interpolation: str = "area",
+        per_image_minmax: bool = False,
+        source: str = "",
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean and std need {channels} values each, got {mean} and {std}")
+        self.size = (int(size[0]), int(size[1]))
+        self.mean = tuple(float(value) for value in mean)
+        self.std = tuple(float(value) for value in std)
+        self.channels = channels
+        self.interpolation = interpolation
+        self.per_image_minmax = per_image_minmax
+        self.source = source
+
+    def __call__(self, image: np.ndarray) -> Any:
+        import torch
+        import torch.nn.functional as functional
+
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        if tensor.ndim == 2:
+            tensor = tensor.unsqueeze(0)
+        else:
+            tensor = tensor.permute(2, 0, 1)
+        if self.channels == 1 and tensor.shape[0] == 3:
+            # ITU-R BT.601 luma, as Pillow's "L" conversion uses.
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+            tensor = (tensor * weights).sum(0, keepdim=True)
+        if tuple(tensor.shape[1:]) != self.size:
+            mode = self.interpolation
+            kwargs: dict[str, Any] = {}
+            if mode in ("bilinear", "bicubic"):
+                kwargs = {"align_corners": False, "antialias": True}
+            tensor = functional.interpolate(tensor.unsqueeze(0), size=self.size, mode=mode, **kwargs)[0]
+        if self.per_image_minmax:
+            low, high = tensor.min(), tensor.max()
+            tensor = (tensor - low) / (high - low) if high > low else torch.zeros_like(tensor)
+        if self.channels == 3 and tensor.shape[0] == 1:
+            tensor = tensor.expand(3, -1, -1)
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return ((tensor - mean) / std).contiguous()
+
+    def describe(self) -> dict[str, Any]:
+        """Return the preprocessing steps as plain data."""
+        return {
+            "size_hw": list(self.size),
+            "interpolation": self.interpolation,
+            "channels": self.channels,
+            "grey_to_rgb": "replicate" if self.channels == 3 else "none",
+            "per_image_minmax": self.per_image_minmax,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "source": self.source,
+        }

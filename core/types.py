@@ -1,0 +1,340 @@
+"""Base types that plugins implement and the pipeline consumes.
+
+These classes are the public contract for plugin authors, together with
+:mod:`mammo_dissect.core.hookspecs`.  They import no heavy library at module
+level except numpy and pydantic; torch is imported where it is needed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import ClassVar
+
+import numpy as np
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import ValidationError
+
+from mammo_dissect.core.errors import ConfigError
+
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Options(BaseModel):
+    """Base class of every plugin's options: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoOptions(Options):
+    """Options of a plugin that takes none."""
+
+
+def validate_options(options_model: type[Options], values: dict[str, Any], where: str) -> Options:
+    """Validate ``values`` against a plugin's options model.
+
+    Raises :class:`ConfigError` naming each invalid field as ``where.field``.
+    """
+    try:
+        return options_model.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+
+
+def format_validation_error(exc: ValidationError, where: str) -> str:
+    """Turn a pydantic error into one message with one line per field."""
+    lines = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in (where, *error["loc"]) if part != "")
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field; remove it or check its spelling"
+        if error["type"] == "missing":
+            message = "required field is missing"
+        value = error.get("input")
+        shown = "" if error["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{location}: {message}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+class Plugin:
+    """Common attributes of everything a plugin registers."""
+
+    #: Public name used in configuration files and on the command line.
+    name: ClassVar[str] = ""
+    #: One sentence shown by ``mammo-dissect plugins``.
+    description: ClassVar[str] = ""
+    #: Pydantic model of the options this object accepts.
+    Options: ClassVar[type[Options]] = NoOptions
+
+
+# ---------------------------------------------------------------- probe sets
+
+
+@dataclass(frozen=True)
+class ProbeImage:
+    """One probing image and what is known about it."""
+
+    #: Identifier unique within the probe set (for example ``mdb001``).
+    image_id: str
+    #: Absolute path of the image file.
+    path: Path
+    #: Clinical and data-set metadata (patient_id, laterality, view, ...).
+    metadata: dict[str, Any] = field(default_factory=dict)
+    #: Concept texts annotated on this image (ground truth), if any.
+    annotations: tuple[str, ...] = ()
+
+
+@dataclass
+class ProbeSet:
+    """An ordered list of probe images; the order is fixed for a whole run."""
+
+    #: Name of the reader that produced it.
+    reader: str
+    #: Folder the images were read from.
+    root: Path
+    images: list[ProbeImage]
+    #: Concept texts the data set can annotate, in a documented order.
+    annotation_vocabulary: list[str] = field(default_factory=list)
+    #: How pixel values were read (stored with the run).
+    decoding: dict[str, Any] = field(default_factory=dict)
+    #: Function that decodes one image path to a float32 array in [0, 1],
+    #: shape [H, W] (grey) or [H, W, 3].
+    decoder: Callable[[Path], np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, index: int) -> np.ndarray:
+        """Decode image ``index`` to a float32 array in [0, 1]."""
+        from mammo_dissect.core.images import read_image
+
+        image = self.images[index]
+        decode = self.decoder or read_image
+        return decode(image.path)
+
+    def limit(self, count: int | None) -> ProbeSet:
+        """Return a probe set with only the first ``count`` images."""
+        if count is None or count >= len(self.images):
+            return self
+        return ProbeSet(
+            reader=self.reader,
+            root=self.root,
+            images=self.images[:count],
+            annotation_vocabulary=self.annotation_vocabulary,
+            decoding=self.decoding,
+            decoder=self.decoder,
+        )
+
+
+class ProbeSetReader(Plugin):
+    """Reads a probe set from local files.  Subclasses implement :meth:`load`."""
+
+    def load(self, options: Options) -> ProbeSet:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- concepts
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One concept text with its optional categories."""
+
+    text: str
+    category: str | None = None
+    broad_category: str | None = None
+
+
+class ConceptSetSource(Plugin):
+    """Provides concept texts.  Subclasses implement :meth:`load`."""
+
+    def load(self, options: Options, probe_set: ProbeSet | None = None) -> list[Concept | str]:
+        """Return the raw concept list (the core normalises it).
+
+        ``probe_set`` is passed so that a source can derive concepts from the
+        probe set's annotation vocabulary; most sources ignore it.
+        """
+        raise NotImplementedError
+
+    def source_description(self, options: Options) -> str:
+        """Return where the concepts came from, for the run record."""
+        return self.name
+
+
+# ---------------------------------------------------------------- targets
+
+
+@dataclass
+class LoadedTarget:
+    """A target model ready for activation extraction."""
+
+    #: The model in evaluation mode.
+    model: torch.nn.Module
+    #: Callable turning a decoded image (float32 [H, W] or [H, W, 3] in [0, 1])
+    #: into the model's input tensor [C, H, W]; ``preprocess.describe()``
+    #: returns the steps as plain data.
+    preprocess: Any
+    #: Model specification as the user wrote it (for example ``efficientnet-lite0``).
+    spec: str
+    weights_path: str | None = None
+    weights_sha256: str | None = None
+    #: For 3-D (token) outputs: index of the CLS token and whether the layout
+    #: is token-first ([T, B, D]).  Keys are layer names; ``"*"`` is the default.
+    token_layout: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class TargetLoader(Plugin):
+    """Builds a target model.  Subclasses implement :meth:`load`."""
+
+    def load(self, options: Options) -> LoadedTarget:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- dissectors
+
+
+@dataclass
+class Runtime:
+    """Execution settings shared by the pipeline's stages."""
+
+    batch_size: int = 16
+    device: str = "cpu"
+    num_workers: int = 0
+    progress: bool = True
+
+
+class Dissector(Plugin):
+    """Produces the image-concept matrix P [N x M] for a probe set."""
+
+    def image_concept_matrix(
+        self,
+        options: Options,
+        probe_set: ProbeSet,
+        concepts: Sequence[str],
+        runtime: Runtime,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self, options: Options) -> dict[str, Any]:
+        """Return what identifies this dissector's output, for the run record."""
+        return {"plugin": self.name, "options": options.model_dump(mode="json")}
+
+
+@dataclass
+class LoadedDissector:
+    """A vision-language model with a joint image-text embedding space."""
+
+    #: ``encode_images(batch [B, C, H, W]) -> [B, D]`` (not yet normalised).
+    encode_images: Callable[[torch.Tensor], torch.Tensor]
+    #: ``encode_texts(list of str) -> [len, D]`` (not yet normalised).
+    encode_texts: Callable[[list[str]], torch.Tensor]
+    #: Image preprocessing, like :attr:`LoadedTarget.preprocess`.
+    preprocess: Any
+    spec: str
+    weights_path: str | None = None
+    weights_sha256: str | None = None
+    #: Maximum number of text tokens the text encoder accepts.
+    max_text_tokens: int | None = None
+    #: Move the model to a device: ``to(device)``.
+    to: Callable[[str], Any] | None = None
+
+
+class EmbeddingDissector(Dissector):
+    """A dissector that embeds images and texts; P is the cosine of the two.
+
+    Subclasses implement :meth:`load`; :meth:`image_concept_matrix` then
+    encodes every probe image and every concept, L2-normalises each row and
+    returns ``P = I @ T.T`` in float32.
+    """
+
+    def load(self, options: Options) -> LoadedDissector:
+        raise NotImplementedError
+
+    def image_concept_matrix(
+        self,
+        options: Options,
+        probe_set: ProbeSet,
+        concepts: Sequence[str],
+        runtime: Runtime,
+    ) -> torch.Tensor:
+        from mammo_dissect.core.embedding import embed_and_compare
+
+        return embed_and_compare(self.load(options), probe_set, list(concepts), runtime)
+
+
+# ---------------------------------------------------------------- similarity
+
+
+@dataclass
+class SimilarityFunction:
+    """A pure tensor function S = fn(P, A, **params) with declared parameters."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    description: str = ""
+    #: Range of the scores in words (stored with the run).
+    value_range: str = ""
+    #: Returns the smallest number of probe images the parameters allow.
+    min_images: Callable[[dict[str, Any]], int] | None = None
+
+    def defaults(self) -> dict[str, Any]:
+        """Return the declared keyword-only parameters and their defaults."""
+        signature = inspect.signature(self.fn)
+        return {
+            name: parameter.default
+            for name, parameter in signature.parameters.items()
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+    def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``params`` into the defaults; unknown or mistyped ones are errors."""
+        defaults = self.defaults()
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            allowed = ", ".join(sorted(defaults)) or "none"
+            raise ConfigError(
+                f"similarity.params: unknown parameter(s) {', '.join(unknown)} for "
+                f"similarity function {self.name!r}; allowed: {allowed}"
+            )
+        resolved = dict(defaults)
+        for key, value in params.items():
+            default = defaults[key]
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ConfigError(f"similarity.params.{key}: expected true or false, got {value!r}")
+            if isinstance(default, int) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"similarity.params.{key}: expected an integer, got {value!r}")
+            if isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"similarity.params.{key}: expected a number, got {value!r}")
+                value = float(value)
+            resolved[key] = value
+        return resolved
+
+    def check_inputs(self, n_images: int, params: dict[str, Any]) -> None:
+        """Raise :class:`ConfigError` when ``n_images`` is too few for ``params``."""
+        if self.min_images is None:
+            return
+        needed = self.min_images(params)
+        if n_images < needed:
+            raise ConfigError(
+                f"similarity function {self.name!r} with {params} needs at least {needed} "
+                f"probe images, but the probe set has {n_images}; add images or lower "
+                f"the parameter (for example similarity.params.top_k)"
+            )
+
+    def __call__(self, P: torch.Tensor | None, A: torch.Tensor, **params: Any) -> torch.Tensor:
+        resolved = self.resolve_params(params)
+        if P is not None:
+            self.check_inputs(P.shape[0], resolved)
+        return self.fn(P, A, **resolved)

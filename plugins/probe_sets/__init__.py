@@ -1,0 +1,1 @@
+"""Built-in probe-set readers."""

@@ -1,0 +1,1 @@
+"""HTML reports rendered from the Jinja templates in templates/."""
