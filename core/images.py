@@ -39,7 +39,7 @@ def read_image(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             return pil_to_array(image)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ProbeSetError(f"cannot decode probe image {path}: {exc}") from exc
 
 
@@ -57,8 +57,14 @@ def pil_to_array(image: Any) -> np.ndarray:
         raw = np.asarray(image, dtype=np.float32)
         low, high = float(raw.min()), float(raw.max())
         array = (raw - low) / (high - low) if high > low else np.zeros_like(raw)
-    elif mode in ("L", "P", "1", "LA"):
+    elif mode in ("L", "1", "LA"):
         array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    elif mode in ("P", "PA"):
+        # A palette may hold colours, so expand it to RGB and keep one
+        # channel only when the palette is grey.
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        is_grey = np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        array = rgb[..., 0] if is_grey else rgb
     else:
         array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return np.ascontiguousarray(np.clip(array, 0.0, 1.0), dtype=np.float32)
@@ -68,8 +74,10 @@ def read_dicom(path: Path) -> np.ndarray:
     """Decode a DICOM image to float32 in [0, 1], bright tissue on dark background.
 
     Applies the modality LUT, then the VOI LUT or window when the header has
-    one, inverts MONOCHROME1, and scales by the stored bit depth (or by the
-    window) so 8-, 12- and 16-bit data all land in [0, 1].
+    one, and inverts MONOCHROME1.  Values are scaled by the full output range
+    of the last LUT applied (the stored bit depth through the rescale, or the
+    VOI LUT's bit depth), never by the image's own minimum and maximum, so
+    8-, 12- and 16-bit data land in [0, 1] and images stay comparable.
     """
     import pydicom
     from pydicom.pixels import apply_modality_lut
@@ -80,29 +88,62 @@ def read_dicom(path: Path) -> np.ndarray:
         pixels = dataset.pixel_array
     except Exception as exc:  # pydicom raises many types for broken files
         raise ProbeSetError(f"cannot decode DICOM file {path}: {type(exc).__name__}: {exc}") from exc
-    if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
-        raise ProbeSetError(f"DICOM file {path} holds {pixels.shape[0]} frames; probe images must be single frames")
+    samples_per_pixel = int(dataset.get("SamplesPerPixel", 1))
+    if pixels.ndim == 4 or (pixels.ndim == 3 and samples_per_pixel == 1):
+        raise ProbeSetError(
+            f"DICOM file {path} contains {pixels.shape[0]} frames, but probe images must be single frames; "
+            f"export one frame per file"
+        )
     data = apply_modality_lut(pixels, dataset).astype(np.float64)
-    has_voi = "VOILUTSequence" in dataset or "WindowCenter" in dataset
-    if has_voi:
+    low, high = _modality_output_range(dataset)
+    if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
         data = apply_voi_lut(data, dataset, index=0).astype(np.float64)
-        low, high = float(data.min()), float(data.max())
-    else:
-        bits = int(dataset.get("BitsStored", 16))
-        low, high = 0.0, float(2**bits - 1)
-        if data.min() < 0:
-            low, high = float(data.min()), float(data.max())
+        if "VOILUTSequence" in dataset:
+            # NOTE: some files declare 16-bit LUT entries but store 12-bit
+            # values; such images come out darker than their window intends.
+            low, high = 0.0, float(2 ** int(dataset.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+        # A window maps onto the same range as the modality output (pydicom's
+        # apply_windowing), so low and high stay as they are.
     scaled = (data - low) / (high - low) if high > low else np.zeros_like(data)
     if dataset.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         scaled = 1.0 - scaled
     return np.ascontiguousarray(np.clip(scaled, 0.0, 1.0), dtype=np.float32)
 
 
+def _modality_output_range(dataset: Any) -> tuple[float, float]:
+    """Return the lowest and highest value the modality LUT or rescale can output.
+
+    The rules follow pydicom 3's ``apply_windowing``: a Modality LUT Sequence
+    outputs ``0 .. 2**bits - 1`` with ``bits`` from its descriptor, otherwise
+    the stored range (unsigned or two's complement ``BitsStored``) goes through
+    RescaleSlope and RescaleIntercept.
+    """
+    if "ModalityLUTSequence" in dataset:
+        bits = int(dataset.ModalityLUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2**bits - 1)
+    bits = int(dataset.get("BitsStored", 16))
+    if int(dataset.get("PixelRepresentation", 0)) == 0:
+        low, high = 0.0, float(2**bits - 1)
+    else:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope = dataset.get("RescaleSlope")
+    intercept = dataset.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        low, high = sorted((low * float(slope) + float(intercept), high * float(slope) + float(intercept)))
+    return low, high
+
+
 def dicom_metadata(path: Path) -> dict[str, Any]:
-    """Read patient, study, laterality, view and pixel spacing from a DICOM header."""
+    """Read patient, study, laterality, view and pixel spacing from a DICOM header.
+
+    Raises :class:`ProbeSetError` naming the file when it is not a readable DICOM file.
+    """
     import pydicom
 
-    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise ProbeSetError(f"cannot read the DICOM header of {path}: {type(exc).__name__}: {exc}") from exc
     laterality = dataset.get("ImageLaterality") or dataset.get("Laterality")
     spacing = dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing")
     return {

@@ -148,7 +148,7 @@ class Registry:
                 kind,
                 name,
                 self.objects[kind],
-                hint="run 'mammo-dissect plugins' to list what is installed",
+                hint="Run 'mammo-dissect plugins' to list what is installed",
             ) from None
 
     def names(self, kind: str) -> list[str]:

@@ -1,0 +1,298 @@
+"""The ``mammo-dissect`` command line: the only place that prints and maps errors to exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mammo_dissect import __version__
+from mammo_dissect.core.errors import MammoDissectError
+
+
+logger = logging.getLogger("mammo_dissect")
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+DEMO_LAYERS = ["_blocks.2", "_blocks.8", "_blocks.15", "_conv_head"]
+
+
+class _State:
+    progress = True
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """Send log records to stderr at INFO (default), DEBUG (-v) or WARNING (--quiet)."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger("mammo_dissect")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    _State.progress = not quiet and sys.stderr.isatty()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mammo-dissect")
+@click.option("-v", "--verbose", count=True, help="Show debug messages.")
+@click.option("-q", "--quiet", is_flag=True, help="Show only warnings and errors; no progress bars.")
+@click.option("--progress/--no-progress", default=None, help="Force progress bars on or off.")
+def cli(verbose: int, quiet: bool, progress: bool | None) -> None:
+    """Label the units of mammography vision models with textual concepts."""
+    setup_logging(verbose, quiet)
+    if progress is not None:
+        _State.progress = progress
+
+
+def _run_config(config_path: Path | None, overrides: list[str], data: dict[str, Any] | None = None) -> Any:
+    from mammo_dissect.core.config import load_config
+
+    return load_config(config_path, overrides, data=data)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a configuration value, for example --set similarity.params.top_k=50 (TOML syntax).")
+@click.option("--database", type=click.Path(path_type=Path, dir_okay=False), help="DuckDB file to write the run into.")
+@click.option("--device", help="torch device, for example cpu or cuda:0.")
+@click.option("--batch-size", type=int, help="Images per forward pass.")
+@click.option("--limit", type=int, help="Use only the first N probe images (smoke runs).")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Also render the HTML report into this folder.")
+def run(config: Path, overrides: tuple[str, ...], database: Path | None, device: str | None,
+        batch_size: int | None, limit: int | None, report_dir: Path | None) -> None:
+    """Run the dissection described by the TOML file CONFIG."""
+    from mammo_dissect.core.pipeline import run as run_pipeline
+
+    extra = list(overrides)
+    if database is not None:
+        extra.append(f"database={json.dumps(str(database.resolve()))}")
+    if device is not None:
+        extra.append(f"device={json.dumps(device)}")
+    if batch_size is not None:
+        extra.append(f"batch_size={batch_size}")
+    if limit is not None:
+        extra.append(f"probe_set.limit={limit}")
+    outcome = run_pipeline(_run_config(config, extra), progress=_State.progress)
+    _print_outcome(outcome)
+    if report_dir is not None:
+        _render(outcome.database, outcome.run_id, report_dir)
+
+
+def _print_outcome(outcome: Any) -> None:
+    click.echo(f"run {outcome.run_id} completed: {outcome.n_images} images, {outcome.n_concepts} concepts")
+    for name, units in outcome.layers:
+        click.echo(f"  layer {name}: {units} units labelled")
+    click.echo(f"database: {outcome.database}")
+
+
+def _render(database: Path, run_id: str, out_dir: Path) -> Path:
+    from mammo_dissect.core.report import render_report
+
+    index = render_report(database, run_id, out_dir)
+    click.echo(f"report: {index}")
+    return index
+
+
+def demo_config(out_dir: Path) -> dict[str, Any]:
+    """Return the embedded demo configuration: EfficientNet-Lite0 on the 8 CBIS-DDSM DICOMs."""
+    return {
+        "name": "demo: EfficientNet-Lite0 (ImageNet) on 8 CBIS-DDSM mammograms, annotation dissector",
+        "probe_set": {"name": "cbis-ddsm-dicom"},
+        "target": {"loader": "efficientnet-lite", "options": {"model": "efficientnet-lite0"}, "layers": DEMO_LAYERS},
+        "dissector": {"name": "annotation"},
+        "concept_set": {"name": "annotations"},
+        # 8 probe images: soft_wpmi's default top_k of 100 cannot apply.
+        "similarity": {"name": "soft_wpmi", "params": {"top_k": 3}},
+        "top_n": 5,
+        "top_k_images": 3,
+        "permutations": 20,
+        "batch_size": 4,
+        "cache_dir": str(out_dir / "cache"),
+        "database": str(out_dir / "demo.duckdb"),
+    }
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              default=Path("mammo-dissect-demo"), show_default=True, help="Folder for the database and report.")
+def demo(out_dir: Path) -> None:
+    """Dissect EfficientNet-Lite0 on 8 real CBIS-DDSM mammograms, offline, and render a report."""
+    from mammo_dissect.core.pipeline import run as run_pipeline
+
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outcome = run_pipeline(_run_config(None, [], data=demo_config(out_dir)), progress=_State.progress)
+    _print_outcome(outcome)
+    index = _render(outcome.database, outcome.run_id, out_dir / "report")
+    click.echo("")
+    click.echo(f"Open {index} in a browser, or query the results:")
+    click.echo(f"  mammo-dissect sql {outcome.database} \"SELECT * FROM top_labels LIMIT 10\"")
+    click.echo("To dissect a real probe set, write a configuration file (see examples/mini-mias.toml) and run:")
+    click.echo("  mammo-dissect run my-run.toml --report my-report")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def plugins(as_json: bool) -> None:
+    """List every plugin with its version and what it registered."""
+    from mammo_dissect.core.plugins import get_registry
+
+    registry = get_registry()
+    infos = [info.as_dict() for _, info in sorted(registry.plugins.items())]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    for info in infos:
+        click.echo(f"{info['name']} {info['version'] or ''} ({info['source']})")
+        for kind, names in sorted(info["registered"].items()):
+            click.echo(f"    {kind}: {', '.join(names)}")
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    from mammo_dissect.core.config import parse_override
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        parts, value = parse_override(pair)
+        options[".".join(parts)] = value
+    return options
+
+
+@cli.command()
+@click.argument("loader")
+@click.option("-o", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Target loader option, for example -o model=efficientnet-lite0.")
+@click.option("--input-size", nargs=2, type=int, metavar="H W", help="Input height and width; default: the loader's.")
+@click.option("--filter", "pattern", help="Show only layers whose name contains this text.")
+def layers(loader: str, option_pairs: tuple[str, ...], input_size: tuple[int, int] | None, pattern: str | None) -> None:
+    """Print the layers of target LOADER with their output shapes (one forward pass on zeros)."""
+    import torch
+
+    from mammo_dissect.core.extraction import layer_table
+    from mammo_dissect.core.plugins import get_registry
+    from mammo_dissect.core.types import validate_options
+
+    target_loader = get_registry().get("target loader", loader)
+    options = validate_options(target_loader.Options, _parse_options(option_pairs), "target.options")
+    target = target_loader.load(options)
+    if input_size is None:
+        size = getattr(target.preprocess, "size", (224, 224))
+        channels = getattr(target.preprocess, "channels", 3)
+    else:
+        size, channels = input_size, getattr(target.preprocess, "channels", 3)
+    rows = layer_table(target.model, torch.zeros(1, channels, *size))
+    click.echo(f"{target.spec}, input 1x{channels}x{size[0]}x{size[1]}")
+    width = max(len(name) for name, _, _ in rows)
+    for name, kind, shape in rows:
+        if pattern and pattern not in name:
+            continue
+        click.echo(f"{name:<{width}}  {kind:<28} {shape}")
+
+
+@cli.command()
+@click.argument("database", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("query")
+@click.option("--json", "as_json", is_flag=True, help="Print rows as JSON objects.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print rows as CSV.")
+def sql(database: Path, query: str, as_json: bool, as_csv: bool) -> None:
+    """Run read-only SQL QUERY on DATABASE and print the result."""
+    from mammo_dissect.core.store import read_only_query
+
+    columns, rows = read_only_query(database, query)
+    if as_json:
+        click.echo(json.dumps([dict(zip(columns, row)) for row in rows], indent=2, default=str))
+    elif as_csv:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        click.echo(buffer.getvalue(), nl=False)
+    else:
+        click.echo(format_table(columns, rows))
+
+
+def format_table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
+    """Format rows as an aligned text table."""
+    def show(value: Any) -> str:
+        if value is None:
+            return "NULL"
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return str(value)
+
+    cells = [[show(value) for value in row] for row in rows]
+    widths = [max([len(column)] + [len(row[i]) for row in cells]) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("database", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--run", "run_id", help="Run id (or a unique prefix); default: the latest run.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Folder to write index.html and thumbnails into.")
+def report(database: Path, run_id: str | None, out_dir: Path) -> None:
+    """Render the HTML report of a run stored in DATABASE."""
+    from mammo_dissect.core.store import Store
+
+    if run_id is None:
+        with Store(database, read_only=True) as store:
+            run_id = store.latest_run_id()
+    _render(database, run_id, out_dir)
+
+
+@cli.command()
+@click.argument("database", type=click.Path(path_type=Path, dir_okay=False))
+def runs(database: Path) -> None:
+    """List the runs stored in DATABASE."""
+    from mammo_dissect.core.store import read_only_query
+
+    columns, rows = read_only_query(
+        database, "SELECT run_id, name, status, created_at, similarity, n_concepts FROM runs ORDER BY created_at"
+    )
+    click.echo(format_table(columns, rows))
+
+
+def build_cli() -> click.Group:
+    """Return the command group with plugin commands added."""
+    from mammo_dissect.core.plugins import get_registry
+
+    registry = get_registry()
+    if not getattr(cli, "_plugin_commands_added", False):
+        registry.manager.hook.register_commands(cli=cli)
+        cli._plugin_commands_added = True  # type: ignore[attr-defined]
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script; maps errors to one-line messages and exit codes."""
+    try:
+        group = build_cli()
+        group.main(args=argv, prog_name="mammo-dissect", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MammoDissectError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

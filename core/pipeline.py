@@ -1,0 +1,409 @@
+"""The dissection pipeline: validate everything, extract, score, store.
+
+    probe set -> target activations A (per layer, streamed to disk)
+              -> dissector P (images x concepts)
+              -> S = similarity(P, A) per layer
+              -> top-n concepts and top-k images per unit, null baseline per layer
+              -> one transaction in the DuckDB store
+
+Every input is validated before the first forward pass, so a typo in a layer
+name or a too-large ``top_k`` costs seconds, not hours.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+
+import numpy as np
+
+from mammo_dissect import __version__
+from mammo_dissect.core.concepts import NormalisedConcepts
+from mammo_dissect.core.concepts import normalise_concepts
+from mammo_dissect.core.config import RunConfig
+from mammo_dissect.core.errors import ConfigError
+from mammo_dissect.core.errors import MammoDissectError
+from mammo_dissect.core.errors import ProbeSetError
+from mammo_dissect.core.extraction import LayerActivations
+from mammo_dissect.core.extraction import ResolvedLayer
+from mammo_dissect.core.extraction import extract_activations
+from mammo_dissect.core.extraction import resolve_layers
+from mammo_dissect.core.plugins import Registry
+from mammo_dissect.core.plugins import get_registry
+from mammo_dissect.core.results import ConceptRecord
+from mammo_dissect.core.results import ImageRecord
+from mammo_dissect.core.results import LayerRecord
+from mammo_dissect.core.results import ModelRecord
+from mammo_dissect.core.results import RunResults
+from mammo_dissect.core.results import UnitTables
+from mammo_dissect.core.types import Dissector
+from mammo_dissect.core.types import LoadedTarget
+from mammo_dissect.core.types import Options
+from mammo_dissect.core.types import ProbeSet
+from mammo_dissect.core.types import Runtime
+from mammo_dissect.core.types import SimilarityFunction
+from mammo_dissect.core.types import validate_options
+from mammo_dissect.core.weights import sha256_file
+
+
+if TYPE_CHECKING:
+    import torch
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """A validated run: every plugin resolved, every input loaded and checked."""
+
+    config: RunConfig
+    registry: Registry
+    run_id: str
+    probe_set: ProbeSet
+    concepts: NormalisedConcepts
+    concept_source: str
+    target: LoadedTarget
+    layers: list[ResolvedLayer]
+    dissector: Dissector
+    dissector_options: Options
+    similarity: SimilarityFunction
+    similarity_params: dict[str, Any]
+    runtime: Runtime
+    work_dir: Path
+
+
+@dataclass
+class RunOutcome:
+    """What a finished run reports to its caller."""
+
+    run_id: str
+    database: Path
+    n_images: int
+    n_concepts: int
+    layers: list[tuple[str, int]]
+    work_dir: Path
+
+
+def new_run_id() -> str:
+    """Return a time-ordered, globally unique run id such as ``20261204T210713-3fa9c2``."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def prepare(config: RunConfig, registry: Registry | None = None, progress: bool = True) -> Plan:
+    """Resolve plugins and load and check every input; no forward pass happens here."""
+    registry = registry or get_registry()
+    reader = registry.get("probe set", config.probe_set.name)
+    target_loader = registry.get("target loader", config.target.loader)
+    dissector = registry.get("dissector", config.dissector.name)
+    concept_source = registry.get("concept set", config.concept_set.name)
+    similarity = registry.get("similarity function", config.similarity.name)
+
+    reader_options = validate_options(reader.Options, config.probe_set.options, "probe_set.options")
+    target_options = validate_options(target_loader.Options, config.target.options, "target.options")
+    dissector_options = validate_options(dissector.Options, config.dissector.options, "dissector.options")
+    concept_options = validate_options(concept_source.Options, config.concept_set.options, "concept_set.options")
+    similarity_params = similarity.resolve_params(config.similarity.params)
+
+    probe_set = reader.load(reader_options).limit(config.probe_set.limit)
+    if len(probe_set) == 0:
+        raise ProbeSetError(f"probe set {config.probe_set.name!r} has no images")
+    n_images = len(probe_set)
+    similarity.check_inputs(n_images, similarity_params)
+    if config.top_k_images > n_images:
+        raise ConfigError(
+            f"top_k_images={config.top_k_images} is larger than the probe set ({n_images} images); "
+            f"lower top_k_images or add images"
+        )
+    if config.permutations and n_images < 2:
+        raise ConfigError("the null baseline needs at least 2 probe images; set permutations = 0")
+
+    source = concept_source.source_description(concept_options)
+    concepts = normalise_concepts(concept_source.load(concept_options, probe_set), source)
+
+    target = target_loader.load(target_options)
+    layers = resolve_layers(target.model, config.target.layers)
+
+    run_id = new_run_id()
+    work_dir = Path(config.cache_dir).expanduser() / "runs" / run_id
+    runtime = Runtime(
+        batch_size=config.batch_size,
+        device=config.device,
+        num_workers=config.num_workers,
+        progress=progress,
+    )
+    _check_device(config.device)
+    return Plan(
+        config=config,
+        registry=registry,
+        run_id=run_id,
+        probe_set=probe_set,
+        concepts=concepts,
+        concept_source=source,
+        target=target,
+        layers=layers,
+        dissector=dissector,
+        dissector_options=dissector_options,
+        similarity=similarity,
+        similarity_params=similarity_params,
+        runtime=runtime,
+        work_dir=work_dir,
+    )
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but no CUDA device is available; set device = \"cpu\"")
+
+
+def score_layer(
+    plan: Plan,
+    P: torch.Tensor,
+    activations: np.ndarray,
+    layer_id: int,
+    generator_seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Score one layer: top concepts and images per unit, and the permutation null."""
+    import torch
+
+    A = torch.from_numpy(np.array(activations, dtype=np.float32))
+    n_images, n_units = A.shape
+    S = plan.similarity(P, A, **plan.similarity_params)
+    if not bool(torch.isfinite(S).all()):
+        raise MammoDissectError(
+            f"similarity {plan.similarity.name!r} produced NaN or Inf for layer {layer_id}; "
+            f"this is a bug in the similarity function"
+        )
+    top_n = min(plan.config.top_n, S.shape[1])
+    scores, concept_ids = torch.topk(S, k=top_n, dim=1)
+    top_k = plan.config.top_k_images
+    image_activation, image_index = torch.topk(A, k=top_k, dim=0)  # [top_k x K]
+    top_scores = scores[:, 0].numpy().astype(np.float64)
+
+    ranks = np.argsort(np.argsort(top_scores, kind="stable"), kind="stable")
+    percentile = 100.0 * (ranks + 1) / n_units
+
+    null_stats: dict[str, Any] = {"null_mean": None, "null_p95": None, "null_max": None, "permutations": 0}
+    p_value = np.full(n_units, np.nan)
+    if plan.config.permutations:
+        generator = torch.Generator().manual_seed(generator_seed)
+        null_tops = []
+        for _ in range(plan.config.permutations):
+            order = torch.randperm(n_images, generator=generator)
+            null_tops.append(plan.similarity(P, A[order], **plan.similarity_params).max(dim=1).values)
+        null = torch.cat(null_tops).numpy().astype(np.float64)
+        null_sorted = np.sort(null)
+        at_least = len(null_sorted) - np.searchsorted(null_sorted, top_scores, side="left")
+        p_value = (1.0 + at_least) / (1.0 + len(null_sorted))
+        null_stats = {
+            "null_mean": float(null.mean()),
+            "null_p95": float(np.percentile(null, 95)),
+            "null_max": float(null.max()),
+            "permutations": plan.config.permutations,
+        }
+
+    units = np.arange(n_units, dtype=np.int32)
+    label_ranks = np.arange(top_n, dtype=np.int16)
+    image_ranks = np.arange(top_k, dtype=np.int16)
+    tables = {
+        "label_layer_id": np.full(n_units * top_n, layer_id, dtype=np.int32),
+        "label_unit": np.repeat(units, top_n),
+        "label_rank": np.tile(label_ranks, n_units),
+        "label_concept_id": concept_ids.numpy().astype(np.int32).reshape(-1),
+        "label_score": scores.numpy().astype(np.float32).reshape(-1),
+        "image_layer_id": np.full(n_units * top_k, layer_id, dtype=np.int32),
+        "image_unit": np.repeat(units, top_k),
+        "image_rank": np.tile(image_ranks, n_units),
+        "image_index": image_index.T.numpy().astype(np.int32).reshape(-1),
+        "image_activation": image_activation.T.numpy().astype(np.float32).reshape(-1),
+        "score_layer_id": np.full(n_units, layer_id, dtype=np.int32),
+        "score_unit": units,
+        "score_top": top_scores.astype(np.float32),
+        "score_percentile": percentile.astype(np.float32),
+        "score_p_value": p_value.astype(np.float32),
+    }
+    return tables, null_stats
+
+
+def execute(plan: Plan) -> RunResults:
+    """Run extraction, the dissector and scoring for a prepared plan."""
+    config = plan.config
+    logger.info(
+        "run %s: %d images, %d concepts, %d layer(s) of %s",
+        plan.run_id, len(plan.probe_set), len(plan.concepts.concepts), len(plan.layers), plan.target.spec,
+    )
+    layer_activations = extract_activations(
+        plan.target, plan.layers, plan.probe_set, plan.runtime, config.target.pooling, plan.work_dir
+    )
+    P = plan.dissector.image_concept_matrix(
+        plan.dissector_options, plan.probe_set, plan.concepts.texts, plan.runtime
+    )
+    expected = (len(plan.probe_set), len(plan.concepts.concepts))
+    if tuple(P.shape) != expected:
+        raise MammoDissectError(
+            f"dissector {plan.dissector.name!r} returned P of shape {tuple(P.shape)}, expected {expected} "
+            f"(images x concepts)"
+        )
+    P = P.float().cpu()
+
+    columns: dict[str, list[np.ndarray]] = {}
+    layer_records = []
+    for layer_id, activations in enumerate(layer_activations):
+        tables, null_stats = score_layer(plan, P, activations.load(), layer_id, config.seed + layer_id)
+        for key, value in tables.items():
+            columns.setdefault(key, []).append(value)
+        layer_records.append(_layer_record(layer_id, activations, config.target.pooling, null_stats))
+        logger.info("layer %s: %d units scored", activations.layer.name, layer_records[-1].n_units)
+    units = UnitTables(**{key: np.concatenate(parts) for key, parts in columns.items()})
+    return RunResults(
+        probe_set_reader=plan.probe_set.reader,
+        probe_set_root=str(plan.probe_set.root),
+        probe_fingerprint="",
+        similarity=plan.similarity.name,
+        similarity_params=plan.similarity_params,
+        similarity_range=plan.similarity.value_range,
+        concept_set_name=config.concept_set.name,
+        concept_set_source=plan.concept_source,
+        concept_set_sha256=plan.concepts.sha256(),
+        concept_set_dropped=plan.concepts.dropped(),
+        models=_model_records(plan),
+        layers=layer_records,
+        images=[],
+        concepts=[
+            ConceptRecord(concept_id=index, text=c.text, category=c.category, broad_category=c.broad_category)
+            for index, c in enumerate(plan.concepts.concepts)
+        ],
+        units=units,
+        extra={"probe_decoding": plan.probe_set.decoding},
+    )
+
+
+def _layer_record(layer_id: int, activations: LayerActivations, pooling: str, null_stats: dict[str, Any]) -> LayerRecord:
+    shape = activations.output_shape
+    return LayerRecord(
+        layer_id=layer_id,
+        model_id=0,
+        name=activations.layer.name,
+        depth=activations.layer.depth,
+        n_units=int(activations.load().shape[1]),
+        output_shape=shape,
+        pooling=pooling if len(shape) == 3 else ("cls" if len(shape) == 2 else "none"),
+        **null_stats,
+    )
+
+
+def _model_records(plan: Plan) -> list[ModelRecord]:
+    registry = plan.registry
+    target = plan.target
+    preprocess = target.preprocess.describe() if hasattr(target.preprocess, "describe") else {}
+    described = plan.dissector.describe(plan.dissector_options)
+    return [
+        ModelRecord(
+            model_id=0,
+            role="target",
+            plugin=plan.config.target.loader,
+            plugin_version=registry.plugin_version("target loader", plan.config.target.loader),
+            spec=target.spec,
+            weights_path=target.weights_path,
+            weights_sha256=target.weights_sha256,
+            preprocessing=preprocess,
+        ),
+        ModelRecord(
+            model_id=1,
+            role="dissector",
+            plugin=plan.dissector.name,
+            plugin_version=registry.plugin_version("dissector", plan.dissector.name),
+            spec=str(described.get("spec") or described.get("architecture") or plan.dissector.name),
+            weights_path=described.get("weights") or described.get("weights_path"),
+            weights_sha256=described.get("weights_sha256"),
+            preprocessing=described,
+        ),
+    ]
+
+
+def image_records(probe_set: ProbeSet) -> tuple[list[ImageRecord], str]:
+    """Hash every probe image and return the records and the probe-set fingerprint.
+
+    The fingerprint is the SHA-256 of the sorted (image id, file SHA-256) pairs.
+    """
+    records = []
+    for index, image in enumerate(probe_set.images):
+        metadata = dict(image.metadata)
+        records.append(
+            ImageRecord(
+                image_index=index,
+                image_id=image.image_id,
+                path=str(image.path),
+                sha256=sha256_file(image.path),
+                patient_id=_text_or_none(metadata.get("patient_id")),
+                laterality=_text_or_none(metadata.get("laterality")),
+                view=_text_or_none(metadata.get("view")),
+                metadata=json.loads(json.dumps(metadata, default=str)),
+                annotations=list(image.annotations),
+            )
+        )
+    pairs = sorted((record.image_id, record.sha256) for record in records)
+    fingerprint = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+    return records, fingerprint
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def run(
+    config: RunConfig,
+    registry: Registry | None = None,
+    progress: bool = True,
+    keep_activations: bool = True,
+) -> RunOutcome:
+    """Validate, run and store one dissection.
+
+    The database is opened first, so a database held by another process fails
+    at once.  Inputs are validated before the run row is written: bad input
+    leaves no trace in the store.  A failure after that leaves the run with
+    status ``failed`` (``interrupted`` on Ctrl-C) and no label rows.
+    """
+    from mammo_dissect.core.store import Store
+
+    with Store(Path(config.database)) as store:
+        plan = prepare(config, registry, progress=progress)
+        images, fingerprint = image_records(plan.probe_set)
+        store.begin_run(
+            plan.run_id,
+            config.name,
+            config.as_json_dict(),
+            config.sha256(),
+            __version__,
+        )
+        try:
+            results = execute(plan)
+            results.images = images
+            results.probe_fingerprint = fingerprint
+            store.write_results(plan.run_id, results)
+        except KeyboardInterrupt:
+            store.mark_failed(plan.run_id, "interrupted by the user", status="interrupted")
+            raise
+        except BaseException as exc:
+            store.mark_failed(plan.run_id, f"{type(exc).__name__}: {exc}")
+            raise
+    if not keep_activations:
+        shutil.rmtree(plan.work_dir, ignore_errors=True)
+    return RunOutcome(
+        run_id=plan.run_id,
+        database=Path(config.database),
+        n_images=len(plan.probe_set),
+        n_concepts=len(plan.concepts.concepts),
+        layers=[(record.name, record.n_units) for record in results.layers],
+        work_dir=plan.work_dir,
+    )

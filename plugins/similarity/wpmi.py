@@ -1,0 +1,160 @@
+"""Weighted pointwise mutual information scores of CLIP-Dissect: ``soft_wpmi`` and ``wpmi``.
+
+Both follow Oikarinen & Weng, "CLIP-Dissect" (ICLR 2023), with that paper's
+code defaults.  With Q = softmax(a * P) over concepts and topk_k the indices
+of unit k's ``top_k`` most activating images (descending):
+
+* soft_wpmi: L[k, m] = sum_j log(p_j * Q[topk_k[j], m] + (1 - p_j) + min_prob),
+  where p_j falls linearly from ``p_start`` to ``p_end`` over the ranks;
+* wpmi: L[k, m] = sum_j log(Q[topk_k[j], m] + min_prob);
+
+and in both S[k, m] = L[k, m] - lam * (logsumexp_k L[k, m] - log K).  The
+second term normalises over all K units passed in one call, so a layer must
+be scored whole.  Scores are unbounded log-probabilities and comparable only
+within one setup (same concept set, dissector and probe set).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+from typing import Any
+
+from mammo_dissect.core.errors import SimilarityError
+from mammo_dissect.core.hookspecs import hookimpl
+from mammo_dissect.core.types import SimilarityFunction
+
+
+if TYPE_CHECKING:
+    import torch
+
+
+VALUE_RANGE = (
+    "unbounded log-probability ratio (values above 1 are normal); comparable only "
+    "within one concept set, dissector and probe set"
+)
+
+
+def check_finite(P: torch.Tensor, A: torch.Tensor) -> None:
+    """Raise :class:`SimilarityError` naming the first image and column holding NaN or Inf."""
+    import torch
+
+    for label, matrix, column_kind in (("P", P, "concept"), ("A", A, "unit")):
+        bad = ~torch.isfinite(matrix)
+        if bool(bad.any()):
+            rows, columns = torch.nonzero(bad, as_tuple=True)
+            count = int(bad.sum())
+            pairs = ", ".join(
+                f"(image {int(row)}, {column_kind} {int(column)})"
+                for row, column in zip(rows[:5].tolist(), columns[:5].tolist())
+            )
+            raise SimilarityError(
+                f"{label} contains {count} NaN or Inf value(s), first at {pairs}; "
+                f"check the model outputs for those images"
+            )
+
+
+def check_shapes(P: torch.Tensor, A: torch.Tensor, top_k: int) -> None:
+    """Validate the matrix shapes and ``top_k`` before any compute."""
+    if P.ndim != 2 or A.ndim != 2:
+        raise SimilarityError(f"P and A must be 2-D, got shapes {tuple(P.shape)} and {tuple(A.shape)}")
+    if P.shape[0] != A.shape[0]:
+        raise SimilarityError(
+            f"P has {P.shape[0]} images but A has {A.shape[0]}; both must cover the same probe images"
+        )
+    if top_k < 1:
+        raise SimilarityError(f"top_k must be at least 1, got {top_k}")
+    if A.shape[0] < top_k:
+        raise SimilarityError(
+            f"top_k={top_k} is larger than the number of probe images ({A.shape[0]}); "
+            f"lower similarity.params.top_k or add probe images"
+        )
+
+
+def _normalise_over_units(log_likelihood: torch.Tensor, lam: float) -> torch.Tensor:
+    import torch
+
+    n_units = log_likelihood.shape[0]
+    log_prior = torch.logsumexp(log_likelihood, dim=0, keepdim=True) - math.log(n_units)
+    return log_likelihood - lam * log_prior
+
+
+def soft_wpmi(
+    P: torch.Tensor,
+    A: torch.Tensor,
+    *,
+    top_k: int = 100,
+    a: float = 10.0,
+    lam: float = 1.0,
+    min_prob: float = 1e-7,
+    p_start: float = 0.998,
+    p_end: float = 0.97,
+) -> torch.Tensor:
+    """Compute soft-WPMI scores S [K x M] from P [N x M] and A [N x K]."""
+    import torch
+
+    check_shapes(P, A, top_k)
+    check_finite(P, A)
+    P = P.float()
+    A = A.to(device=P.device, dtype=torch.float32)
+    probabilities = torch.softmax(a * P, dim=1)
+    top_images = torch.topk(A, k=top_k, dim=0).indices  # [top_k x K]
+    ranks = torch.arange(top_k, device=P.device, dtype=torch.float32)
+    weights = p_start - ranks / top_k * (p_start - p_end)
+    log_likelihood = torch.zeros(A.shape[1], P.shape[1], device=P.device, dtype=torch.float32)
+    # One rank at a time: peak extra memory is K x M, never top_k x K x M.
+    for rank in range(top_k):
+        rows = probabilities[top_images[rank]]  # [K x M]
+        weight = weights[rank]
+        log_likelihood += torch.log(weight * rows + (1.0 - weight) + min_prob)
+    return _normalise_over_units(log_likelihood, lam)
+
+
+def wpmi(
+    P: torch.Tensor,
+    A: torch.Tensor,
+    *,
+    top_k: int = 28,
+    a: float = 2.0,
+    lam: float = 0.6,
+    min_prob: float = 1e-7,
+) -> torch.Tensor:
+    """Compute WPMI scores S [K x M] from P [N x M] and A [N x K]."""
+    import torch
+
+    check_shapes(P, A, top_k)
+    check_finite(P, A)
+    P = P.float()
+    A = A.to(device=P.device, dtype=torch.float32)
+    probabilities = torch.softmax(a * P, dim=1)
+    top_images = torch.topk(A, k=top_k, dim=0).indices
+    log_likelihood = torch.zeros(A.shape[1], P.shape[1], device=P.device, dtype=torch.float32)
+    for rank in range(top_k):
+        log_likelihood += torch.log(probabilities[top_images[rank]] + min_prob)
+    return _normalise_over_units(log_likelihood, lam)
+
+
+def _top_k_needed(params: dict[str, Any]) -> int:
+    return int(params["top_k"])
+
+
+@hookimpl
+def register_similarity_functions(register: Any) -> None:
+    register(
+        SimilarityFunction(
+            name="soft_wpmi",
+            fn=soft_wpmi,
+            description="soft weighted pointwise mutual information (CLIP-Dissect default)",
+            value_range=VALUE_RANGE,
+            min_images=_top_k_needed,
+        )
+    )
+    register(
+        SimilarityFunction(
+            name="wpmi",
+            fn=wpmi,
+            description="weighted pointwise mutual information over each unit's top images",
+            value_range=VALUE_RANGE,
+            min_images=_top_k_needed,
+        )
+    )
