@@ -116,6 +116,7 @@ def prepare(config: RunConfig, registry: Registry | None = None, progress: bool 
     probe_set = reader.load(reader_options).limit(config.probe_set.limit)
     if len(probe_set) == 0:
         raise ProbeSetError(f"probe set {config.probe_set.name!r} has no images")
+    check_images_exist(probe_set)
     n_images = len(probe_set)
     similarity.check_inputs(n_images, similarity_params)
     if config.top_k_images > n_images:
@@ -157,6 +158,18 @@ def prepare(config: RunConfig, registry: Registry | None = None, progress: bool 
         runtime=runtime,
         work_dir=work_dir,
     )
+
+
+def check_images_exist(probe_set: ProbeSet) -> None:
+    """Raise :class:`ProbeSetError` listing every probe image file that does not exist."""
+    missing = [str(image.path) for image in probe_set.images if not Path(image.path).is_file()]
+    if missing:
+        shown = "\n  ".join(missing[:50])
+        more = f"\n  ... and {len(missing) - 50} more" if len(missing) > 50 else ""
+        raise ProbeSetError(
+            f"{len(missing)} probe image file(s) of probe set {probe_set.reader!r} not found:\n  {shown}{more}\n"
+            f"restore the files or remove them from the probe set"
+        )
 
 
 def _check_device(device: str) -> None:

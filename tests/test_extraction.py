@@ -1,0 +1,93 @@
+"""Layer resolution, hooks and pooling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mammo_dissect.core.errors import LayerError
+from mammo_dissect.core.extraction import canonical_layer_name
+from mammo_dissect.core.extraction import pool_output
+from mammo_dissect.core.extraction import resolve_layers
+
+
+def vgg_like() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.features = nn.Sequential(*[nn.Conv2d(3, 3, 3, padding=1) if i % 2 == 0 else nn.ReLU(inplace=True) for i in range(30)])
+    return model
+
+
+@pytest.mark.parametrize(
+    ("requested", "expected"),
+    [("features.0", "features.0"), ("features[28]", "features.28"), ("features.28", "features.28"), (" features[2] ", "features.2")],
+)
+def test_resolve_dotted_and_bracket_names(requested, expected):
+    (layer,) = resolve_layers(vgg_like(), [requested])
+    assert layer.name == expected
+
+
+def test_resolve_unknown_name_lists_close_names():
+    with pytest.raises(LayerError) as error:
+        resolve_layers(vgg_like(), ["feature.28"])
+    assert "closest: features.28" in str(error.value)
+
+
+def test_resolve_rejects_code():
+    with pytest.raises(LayerError):
+        resolve_layers(vgg_like(), ["__import__('os').system('true')"])
+
+
+def test_resolve_rejects_same_module_twice():
+    with pytest.raises(LayerError) as error:
+        resolve_layers(vgg_like(), ["features.2", "features[2]"])
+    assert "name the same module" in str(error.value)
+
+
+def test_canonical_name_nested_brackets():
+    assert canonical_layer_name("encoder.layers[3].blocks[0]") == "encoder.layers.3.blocks.0"
+
+
+def test_pool_avg_and_max():
+    output = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    assert torch.equal(pool_output(output, "avg"), output.mean(dim=(2, 3)))
+    assert torch.equal(pool_output(output, "max"), output.amax(dim=(2, 3)))
+
+
+def test_pool_tokens_takes_cls():
+    tokens = torch.randn(2, 5, 8)
+    assert torch.equal(pool_output(tokens, "avg"), tokens[:, 0])
+
+
+def test_pool_tokens_token_first_layout():
+    tokens = torch.randn(5, 2, 8)
+    assert torch.equal(pool_output(tokens, "avg", {"token_first": True}), tokens[0])
+
+
+def test_pool_tuple_takes_first():
+    first = torch.randn(2, 4)
+    assert torch.equal(pool_output((first, torch.randn(2, 9)), "avg"), first)
+
+
+def test_pool_rejects_5d():
+    with pytest.raises(LayerError):
+        pool_output(torch.randn(1, 2, 3, 4, 5), "avg")
+
+
+def test_hooked_output_survives_inplace_relu(tiny_config, tiny_registry):
+    """The pooled conv output equals a direct call of the conv, though an in-place ReLU follows it."""
+    import copy
+
+    from mammo_dissect.core.config import load_config
+    from mammo_dissect.core.extraction import extract_activations
+    from mammo_dissect.core.pipeline import prepare
+
+    plan = prepare(load_config(None, data=copy.deepcopy(tiny_config)), tiny_registry, progress=False)
+    layers = resolve_layers(plan.target.model, ["features.0"])
+    (stored,) = extract_activations(plan.target, layers, plan.probe_set, plan.runtime, "avg", plan.work_dir)
+    image = plan.target.preprocess(plan.probe_set.read(3)).unsqueeze(0)
+    with torch.no_grad():
+        direct = plan.target.model.features[0](image).mean(dim=(2, 3))[0]
+    assert torch.allclose(torch.from_numpy(stored.load()[3].copy()), direct, atol=1e-6)
+    assert bool((direct < 0).any()), "the check needs negative values that the in-place ReLU would zero"
