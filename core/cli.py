@@ -250,7 +250,7 @@ def report(database: Path, run_id: str | None, out_dir: Path) -> None:
 
     if run_id is None:
         with Store(database, read_only=True) as store:
-            run_id = store.latest_run_id()
+            run_id = store.latest_run_id(status="completed") or store.latest_run_id()
     _render(database, run_id, out_dir)
 
 

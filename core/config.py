@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import Field

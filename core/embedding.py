@@ -105,12 +105,8 @@ def embed_and_compare(
 
 def check_texts_before_encoding(loaded: LoadedDissector, concepts: list[str]) -> None:
     """Call the dissector's ``check_texts`` on all concepts at once, if it has one."""
-    # NOTE: LoadedDissector does not declare ``check_texts`` yet, so it is read
-    # with getattr.  Without it, a dissector that sets max_text_tokens cannot
-    # report over-long concepts before encoding them.
-    check_texts = getattr(loaded, "check_texts", None)
-    if check_texts is not None:
-        check_texts(list(concepts))
+    if loaded.check_texts is not None:
+        loaded.check_texts(list(concepts))
     elif loaded.max_text_tokens is not None:
         logger.debug(
             "dissector %s sets max_text_tokens=%d but has no check_texts; concepts are not checked for length",
@@ -225,7 +221,7 @@ def raise_for_non_finite(embeddings: torch.Tensor, names: Sequence[str], kind: s
 
 def format_names(names: Sequence[str]) -> str:
     """Join up to :data:`MAX_LISTED` quoted names and count the rest."""
-    shown = ", ".join(repr(name) for name in names[:MAX_LISTED])
+    listed = ", ".join(repr(name) for name in names[:MAX_LISTED])
     if len(names) > MAX_LISTED:
-        shown += f" (and {len(names) - MAX_LISTED} more)"
-    return shown
+        listed += f" (and {len(names) - MAX_LISTED} more)"
+    return listed

@@ -75,9 +75,9 @@ def read_dicom(path: Path) -> np.ndarray:
 
     Applies the modality LUT, then the VOI LUT or window when the header has
     one, and inverts MONOCHROME1.  Values are scaled by the full output range
-    of the last LUT applied (the stored bit depth through the rescale, or the
-    VOI LUT's bit depth), never by the image's own minimum and maximum, so
-    8-, 12- and 16-bit data land in [0, 1] and images stay comparable.
+    of the last LUT applied: the stored bit depth through the rescale, or the
+    VOI LUT's bit depth.  The image's own minimum and maximum are never used,
+    so 8-, 12- and 16-bit data land in [0, 1] and images stay comparable.
     """
     import pydicom
     from pydicom.pixels import apply_modality_lut

@@ -356,7 +356,7 @@ def image_records(probe_set: ProbeSet) -> tuple[list[ImageRecord], str]:
             ImageRecord(
                 image_index=index,
                 image_id=image.image_id,
-                path=str(image.path),
+                path=str(Path(image.path).resolve()),
                 sha256=sha256_file(image.path),
                 patient_id=_text_or_none(metadata.get("patient_id")),
                 laterality=_text_or_none(metadata.get("laterality")),
@@ -368,6 +368,16 @@ def image_records(probe_set: ProbeSet) -> tuple[list[ImageRecord], str]:
     pairs = sorted((record.image_id, record.sha256) for record in records)
     fingerprint = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
     return records, fingerprint
+
+
+def _mark_failed(store: Any, run_id: str, message: str, status: str) -> None:
+    """Record a failed run; a failure to record it is logged so the original error still surfaces."""
+    from mammo_dissect.core.errors import StoreError
+
+    try:
+        store.mark_failed(run_id, message, status=status)
+    except StoreError as exc:
+        logger.error("could not mark run %s as %s: %s", run_id, status, exc)
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -405,10 +415,10 @@ def run(
             results.probe_fingerprint = fingerprint
             store.write_results(plan.run_id, results)
         except KeyboardInterrupt:
-            store.mark_failed(plan.run_id, "interrupted by the user", status="interrupted")
+            _mark_failed(store, plan.run_id, "interrupted by the user", "interrupted")
             raise
         except BaseException as exc:
-            store.mark_failed(plan.run_id, f"{type(exc).__name__}: {exc}")
+            _mark_failed(store, plan.run_id, f"{type(exc).__name__}: {exc}", "failed")
             raise
     if not keep_activations:
         shutil.rmtree(plan.work_dir, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The DuckDB store: schema, migrations, bulk writers and read-only queries.
 
-One database file holds any number of runs, and every table carries a
+One database file contains any number of runs, and every table has a
 ``run_id`` column.  A run is written in two steps: :meth:`Store.begin_run`
 records it as ``running`` before any work starts, and
 :meth:`Store.write_results` inserts all of its rows and marks it
@@ -46,7 +46,7 @@ STORAGE_COMPATIBILITY_VERSION = "v1.2.0"
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted")
 
-#: Columns of ``runs`` that hold JSON text; :meth:`Store.get_run` parses them.
+#: Columns of ``runs`` with JSON text, which :meth:`Store.get_run` parses.
 JSON_RUN_COLUMNS = ("config", "similarity_params", "concept_set_dropped", "extra")
 
 MIGRATIONS_TABLE = "schema_migrations"
@@ -84,6 +84,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         )
         """
     )
+
     con.execute(
         """
         CREATE TABLE models (
@@ -99,6 +100,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         )
         """
     )
+
     con.execute(
         """
         CREATE TABLE layers (
@@ -117,6 +119,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         )
         """
     )
+
     con.execute(
         """
         CREATE TABLE probe_images (
@@ -133,6 +136,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         )
         """
     )
+
     con.execute(
         """
         CREATE TABLE concept_sets (
@@ -145,6 +149,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         )
         """
     )
+
     con.execute(
         """
         CREATE TABLE concepts (
@@ -156,6 +161,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         )
         """
     )
+
     # The three per-unit tables are the large ones: no key constraints,
     # because constraints slow bulk inserts down and the writer checks ids.
     con.execute(
@@ -170,6 +176,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         )
         """
     )
+
     con.execute(
         """
         CREATE TABLE unit_top_images (
@@ -182,6 +189,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         )
         """
     )
+
     con.execute(
         """
         CREATE TABLE unit_scores (
@@ -194,6 +202,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         )
         """
     )
+
     con.execute(
         """
         CREATE VIEW labels AS
@@ -212,6 +221,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         JOIN concepts AS c ON c.run_id = ul.run_id AND c.concept_id = ul.concept_id
         """
     )
+
     con.execute(
         """
         CREATE VIEW top_labels AS
@@ -234,8 +244,8 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-#: Schema migrations in the order they are applied.  Append new ones; never
-#: edit or reorder a migration that has been released.
+#: Schema migrations in the order they are applied.  Append new ones, and
+#: never edit or reorder a migration that has been released.
 MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (m001_initial,)
 
 
@@ -337,8 +347,8 @@ def _from_json(text: Any) -> Any:
 def _lock_message(path: str, exc: duckdb.Error, read_only: bool) -> str:
     mode = "read it" if read_only else "write to it"
     return (
-        f"cannot open the results database {path} to {mode}: another process holds it "
-        f"({exc}). Wait for that run to finish, or pass another --database file."
+        f"cannot open the results database {path} to {mode}: another process holds a lock "
+        f"on it ({exc}). Wait for that run to finish, or pass another --database file."
     )
 
 
@@ -362,8 +372,8 @@ def _check_lengths(table: str, columns: dict[str, np.ndarray]) -> int:
     if len(set(lengths.values())) > 1:
         shown = ", ".join(f"{name}={length}" for name, length in lengths.items())
         raise StoreError(
-            f"cannot write table {table}: its columns have different lengths ({shown}); "
-            "the pipeline built inconsistent UnitTables"
+            f"cannot write table {table}: its columns have different lengths ({shown}). "
+            "The pipeline built inconsistent UnitTables."
         )
     return next(iter(lengths.values()), 0)
 
@@ -380,7 +390,7 @@ def _check_ids(
         shown = ", ".join(str(value) for value in missing[:10].tolist())
         raise StoreError(
             f"cannot write table {table}: column {column} refers to {what} that the run "
-            f"does not have ({shown}); the pipeline built inconsistent results"
+            f"does not have ({shown}). The pipeline built inconsistent results."
         )
 
 
@@ -446,8 +456,8 @@ def _unit_arrow_tables(results: RunResults) -> dict[str, pa.Table]:
                 "unit": _column(units.score_unit, np.int32),
                 "top_score": _column(units.score_top, np.float32),
                 "percentile": _column(units.score_percentile, np.float32),
-                # NaN means "no null baseline"; NULL says so in SQL and keeps
-                # comparisons such as p_value < 0.05 from matching it.
+                # NaN means "no null baseline". NULL marks that in SQL, and it
+                # keeps comparisons such as p_value < 0.05 from matching the row.
                 "p_value": _column(units.score_p_value, np.float32, nan_to_null=True),
             }
         ),
@@ -581,7 +591,7 @@ def _arrow_tables(results: RunResults) -> dict[str, pa.Table]:
 
 
 class Store:
-    """A DuckDB results database holding any number of runs.
+    """A DuckDB results database containing any number of runs.
 
     :param path: the database file.  Writers create it and its parent folders.
     :param read_only: open read-only.  Readers never change the file, do not
@@ -590,9 +600,10 @@ class Store:
         process, or not a mammo-dissect database.
     """
 
-    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+    def __init__(self, path: str | Path, read_only: bool = False, sandbox: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
+        self.sandbox = sandbox
         self._con = self._connect()
         try:
             if read_only:
@@ -612,6 +623,13 @@ class Store:
                     "or run a dissection first to create it."
                 )
             config: dict[str, Any] = {}
+            if self.sandbox:
+                # User SQL may not read or write other files, attach databases or load extensions.
+                config = {
+                    "enable_external_access": False,
+                    "autoload_known_extensions": False,
+                    "autoinstall_known_extensions": False,
+                }
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             config = {"storage_compatibility_version": STORAGE_COMPATIBILITY_VERSION}
@@ -695,7 +713,7 @@ class Store:
         self._require_writer(f"begin run {run_id}")
         if self._find_run_ids(run_id, prefix=False):
             raise StoreError(
-                f"run id {run_id!r} is already in {self.path}; run ids must be unique. "
+                f"run id {run_id!r} is already in {self.path}, and run ids must be unique. "
                 "Start the run with a new id."
             )
         try:
@@ -736,8 +754,8 @@ class Store:
         status = self._run_status(run_id)
         if status == "completed":
             raise StoreError(
-                f"run {run_id} in {self.path} is already completed; its results cannot be "
-                "written twice. Start a new run."
+                f"run {run_id} in {self.path} is already completed, so its results cannot be "
+                "written again. Start a new run."
             )
         tables = _arrow_tables(results)
 
@@ -830,7 +848,7 @@ class Store:
         self._require_writer(f"mark run {run_id} as {status}")
         if status not in ("failed", "interrupted"):
             raise StoreError(
-                f"invalid status {status!r} for mark_failed; use 'failed' or 'interrupted'"
+                f"invalid status {status!r} for mark_failed: use 'failed' or 'interrupted'"
             )
         current = self._run_status(run_id)
         if current == "completed":
@@ -875,7 +893,7 @@ class Store:
                 "run",
                 run_id,
                 matches,
-                hint=f"{run_id!r} is the start of {len(matches)} run ids; give more characters",
+                hint=f"{run_id!r} is the start of {len(matches)} run ids. Give more characters",
             )
         raise UnknownNameError(
             "run",
@@ -969,16 +987,27 @@ class Store:
 def read_only_query(
     path: str | Path, sql: str, params: Sequence[Any] | dict[str, Any] | None = None
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Open ``path`` read-only, run one SQL statement and return its columns and rows.
+    """Open ``path`` read-only, run one SQL query and return its columns and rows.
 
-    DuckDB rejects statements that change the database in read-only mode and
-    this function turns that rejection into a :class:`StoreError`.
-
-    NOTE: read-only mode protects the database file only.  ``COPY ... TO``
-    still writes files and ``ATTACH`` can open another database for writing.
+    Only one ``SELECT`` (including ``WITH``, ``DESCRIBE``, ``SHOW`` and
+    ``SUMMARIZE``) or ``EXPLAIN`` statement is accepted.  The connection has
+    external access switched off, so a query cannot read or write other
+    files, attach databases or load extensions.
 
     :raises StoreError: when the file is missing or held by a writer, when the
-        statement fails, or when it would write.
+        statement is not a single query, or when it fails.
     """
-    with Store(path, read_only=True) as store:
+    try:
+        statements = duckdb.connect(":memory:").extract_statements(sql)
+    except duckdb.Error as exc:
+        raise StoreError(f"invalid SQL: {exc}") from exc
+    if len(statements) != 1:
+        raise StoreError(f"expected exactly one SQL statement, got {len(statements)}; run them one at a time")
+    kind = statements[0].type
+    if kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN):
+        raise StoreError(
+            f"statement rejected: only SELECT and EXPLAIN queries are allowed here, got "
+            f"{kind.name}; the database is opened read-only"
+        )
+    with Store(path, read_only=True, sandbox=True) as store:
         return store.query(sql, params)

@@ -247,6 +247,9 @@ class LoadedDissector:
     max_text_tokens: int | None = None
     #: Move the model to a device: ``to(device)``.
     to: Callable[[str], Any] | None = None
+    #: Check all concept texts before encoding (for example against the
+    #: tokenizer's context length); raises for texts the encoder cannot take.
+    check_texts: Callable[[list[str]], None] | None = None
 
 
 class EmbeddingDissector(Dissector):
