@@ -459,3 +459,42 @@ def test_embedding_dimensions_must_match(probe_set: ProbeSet) -> None:
         embed_and_compare(loaded, probe_set, CONCEPTS, RUNTIME)
     assert "dimension 8" in str(caught.value)
     assert "dimension 4" in str(caught.value)
+
+
+def test_pipeline_run_with_open_clip(tiny_files: dict[str, Any], tmp_path: Path, tiny_registry) -> None:
+    """A whole run: folder probe set, tiny CNN target, tiny open_clip dissector, a concept file."""
+    import duckdb
+
+    from mammo_dissect.core.config import load_config
+    from mammo_dissect.core.pipeline import run
+
+    folder = tmp_path / "run-probes"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 256, size=(40, 32), dtype=np.uint8)).save(folder / f"m{index:02d}.png")
+    concept_file = tmp_path / "concepts.txt"
+    concept_file.write_text("\n".join(CONCEPTS) + "\n", encoding="utf-8")
+    config = load_config(None, data={
+        "probe_set": {"name": "folder", "options": {"root": str(folder)}},
+        "target": {"loader": "tiny-cnn", "layers": ["features.2"]},
+        "dissector": {"name": "open_clip", "options": {
+            "architecture": ARCHITECTURE,
+            "weights": str(tiny_files["weights"]),
+            "model_config": str(tiny_files["config"]),
+        }},
+        "concept_set": {"name": "text", "options": {"path": str(concept_file)}},
+        "similarity": {"name": "soft_wpmi", "params": {"top_k": 5}},
+        "top_n": 2,
+        "top_k_images": 3,
+        "permutations": 3,
+        "cache_dir": str(tmp_path / "cache"),
+        "database": str(tmp_path / "clip.duckdb"),
+    })
+    outcome = run(config, progress=False)
+    with duckdb.connect(str(outcome.database), read_only=True) as con:
+        labels = con.execute("SELECT count(*) FROM unit_labels").fetchone()[0]
+        dissector = con.execute("SELECT plugin, weights_sha256 FROM models WHERE role = 'dissector'").fetchone()
+    assert labels == 6 * 2
+    assert dissector[0] == "open_clip"
+    assert dissector[1] is not None

@@ -221,3 +221,14 @@ def test_shared_module_called_twice_is_rejected(tiny_config, tiny_registry):
         extract_activations(plan.target, resolve_layers(plan.target.model, ["shared"]), plan.probe_set,
                             plan.runtime, "avg", plan.work_dir)
     assert "more than once per forward pass" in str(error.value)
+
+
+def test_every_config_field_documented():
+    from mammo_dissect.core.config import RunConfig
+    from mammo_dissect.core.config import TargetConfig
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    for field in RunConfig.model_fields:
+        assert f"`{field}`" in docs or f"## [{field}]" in docs, field
+    for field in TargetConfig.model_fields:
+        assert f"`{field}`" in docs, field

@@ -168,3 +168,17 @@ def test_installed_plugin_used_in_run(installed_example_plugin, tiny_config, mon
         concepts = con.execute("SELECT text FROM concepts ORDER BY concept_id").fetchall()
     assert similarity == "top_mean_contrast"
     assert concepts == [("bright",), ("dark",), ("aircraft",), ("water",)]
+
+
+def test_every_hook_documented_with_arguments():
+    import inspect
+
+    from mammo_dissect.core import hookspecs
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    manager = plugins.create_manager(load_entry_points=False)
+    for name in sorted(vars(manager.hook)):
+        if name.startswith("_"):
+            continue
+        arguments = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
+        assert f"### {name}({arguments})" in docs, name
