@@ -50,8 +50,8 @@ def read_concept_lines(path: Path) -> list[str]:
         raise ConceptSetError(
             f"concept file {path} is not valid UTF-8 (byte {exc.start}); save it as UTF-8"
         ) from None
-    # splitlines() also splits on \r, \x0b, \x1c and other separators; a concept file
-    # is line-based, so only \n and \r\n (and a lone \r) end a line.
+    # A concept file is line-based, so only \n, \r\n and a lone \r end a line.
+    # str.splitlines() would also split on \x0b, \x1c and other separators.
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 

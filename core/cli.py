@@ -30,7 +30,11 @@ class _State:
 
 def setup_logging(verbose: int, quiet: bool) -> None:
     """Send log records to stderr at INFO (default), DEBUG (-v) or WARNING (--quiet)."""
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    if quiet:
+        level = logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root = logging.getLogger("mammo_dissect")

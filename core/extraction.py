@@ -162,7 +162,7 @@ def extract_activations(
 
     One forward pass per batch serves all layers.  Each batch's pooled
     activations are written into a memory-mapped .npy file per layer, so
-    memory holds one batch, not the whole probe set.
+    memory keeps one batch, not the whole probe set.
     """
     import torch
     from tqdm import tqdm

@@ -83,7 +83,7 @@ class Plan:
 
 @dataclass
 class RunOutcome:
-    """What a finished run reports to its caller."""
+    """Summary of a finished run for its caller."""
 
     run_id: str
     database: Path
@@ -310,9 +310,18 @@ def _layer_record(layer_id: int, activations: LayerActivations, pooling: str, nu
         depth=activations.layer.depth,
         n_units=int(activations.load().shape[1]),
         output_shape=shape,
-        pooling=pooling if len(shape) == 3 else ("cls" if len(shape) == 2 else "none"),
+        pooling=_pooling_used(shape, pooling),
         **null_stats,
     )
+
+
+def _pooling_used(shape: list[int], pooling: str) -> str:
+    """Return how a layer's output of per-image ``shape`` was reduced to one value per unit."""
+    if len(shape) == 3:
+        return pooling
+    if len(shape) == 2:
+        return "cls"
+    return "none"
 
 
 def _model_records(plan: Plan) -> list[ModelRecord]:

@@ -58,7 +58,7 @@ KINDS: dict[str, str] = {
 
 @dataclass
 class PluginInfo:
-    """What one plugin is and what it registered."""
+    """A plugin's name, version and origin, and the objects it registered."""
 
     name: str
     version: str | None
