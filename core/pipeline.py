@@ -75,6 +75,8 @@ class Plan:
     layers: list[ResolvedLayer]
     dissector: Dissector
     dissector_options: Options
+    #: Validated options of every plugin, defaults filled in, by configuration section.
+    plugin_options: dict[str, Options]
     similarity: SimilarityFunction
     similarity_params: dict[str, Any]
     runtime: Runtime
@@ -153,6 +155,12 @@ def prepare(config: RunConfig, registry: Registry | None = None, progress: bool 
         layers=layers,
         dissector=dissector,
         dissector_options=dissector_options,
+        plugin_options={
+            "probe_set": reader_options,
+            "target": target_options,
+            "dissector": dissector_options,
+            "concept_set": concept_options,
+        },
         similarity=similarity,
         similarity_params=similarity_params,
         runtime=runtime,
@@ -170,6 +178,15 @@ def check_images_exist(probe_set: ProbeSet) -> None:
             f"{len(missing)} probe image file(s) of probe set {probe_set.reader!r} not found:\n  {shown}{more}\n"
             f"restore the files or remove them from the probe set"
         )
+
+
+def resolved_config(plan: Plan) -> dict[str, Any]:
+    """Return the run configuration with every plugin's options and parameters filled in."""
+    data = plan.config.as_json_dict()
+    for section, options in plan.plugin_options.items():
+        data[section]["options"] = options.model_dump(mode="json", by_alias=True)
+    data["similarity"]["params"] = json.loads(json.dumps(plan.similarity_params, default=str))
+    return data
 
 
 def _check_device(device: str) -> None:
@@ -411,11 +428,12 @@ def run(
     with Store(Path(config.database)) as store:
         plan = prepare(config, registry, progress=progress)
         images, fingerprint = image_records(plan.probe_set)
+        stored_config = resolved_config(plan)
         store.begin_run(
             plan.run_id,
             config.name,
-            config.as_json_dict(),
-            config.sha256(),
+            stored_config,
+            hashlib.sha256(json.dumps(stored_config, sort_keys=True).encode()).hexdigest(),
             __version__,
         )
         try:

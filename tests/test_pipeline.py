@@ -232,3 +232,14 @@ def test_every_config_field_documented():
         assert f"`{field}`" in docs or f"## [{field}]" in docs, field
     for field in TargetConfig.model_fields:
         assert f"`{field}`" in docs, field
+
+
+def test_stored_config_has_plugin_defaults(tiny_config, tiny_registry):
+    import json
+
+    outcome = run_tiny(tiny_config, tiny_registry)
+    (config,), = rows(outcome.database, "SELECT config FROM runs")
+    stored = json.loads(config)
+    assert stored["target"]["options"] == {"seed": 0, "size": 16}
+    assert stored["similarity"]["params"]["p_start"] == 0.998
+    assert stored["dissector"]["options"] == {"require_annotated": False}
