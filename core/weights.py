@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import tarfile
-import zipfile
 from collections.abc import Iterable
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,22 +54,17 @@ def check_local_file(value: str | Path, what: str, option: str) -> Path:
 
 
 def _sniff_format(path: Path) -> str:
+    """Classify a file by its leading bytes: torch-zip, pickle, tar, html or unknown."""
     with open(path, "rb") as handle:
         head = handle.read(512)
-    if zipfile.is_zipfile(path):
+    if head[257:262] == b"ustar":
+        return "tar"
+    if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:1] == b"\x80":
         return "pickle"
-    if len(head) >= 8 and path.suffix == ".safetensors":
-        return "safetensors"
-    stripped = head.lstrip().lower()
-    if stripped.startswith((b"<!doctype html", b"<html")):
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
         return "html"
-    try:
-        if tarfile.is_tarfile(path):
-            return "tar"
-    except OSError:
-        pass
     return "unknown"
 
 

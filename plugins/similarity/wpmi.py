@@ -20,9 +20,10 @@ import math
 from typing import TYPE_CHECKING
 from typing import Any
 
-from mammo_dissect.core.errors import SimilarityError
 from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.types import SimilarityFunction
+from mammo_dissect.plugins.similarity.checks import check_finite
+from mammo_dissect.plugins.similarity.checks import check_shapes
 
 
 if TYPE_CHECKING:
@@ -33,42 +34,6 @@ VALUE_RANGE = (
     "unbounded log-probability ratio (values above 1 are normal); comparable only "
     "within one concept set, dissector and probe set"
 )
-
-
-def check_finite(P: torch.Tensor, A: torch.Tensor) -> None:
-    """Raise :class:`SimilarityError` naming the first image and column holding NaN or Inf."""
-    import torch
-
-    for label, matrix, column_kind in (("P", P, "concept"), ("A", A, "unit")):
-        bad = ~torch.isfinite(matrix)
-        if bool(bad.any()):
-            rows, columns = torch.nonzero(bad, as_tuple=True)
-            count = int(bad.sum())
-            pairs = ", ".join(
-                f"(image {int(row)}, {column_kind} {int(column)})"
-                for row, column in zip(rows[:5].tolist(), columns[:5].tolist())
-            )
-            raise SimilarityError(
-                f"{label} contains {count} NaN or Inf value(s), first at {pairs}; "
-                f"check the model outputs for those images"
-            )
-
-
-def check_shapes(P: torch.Tensor, A: torch.Tensor, top_k: int) -> None:
-    """Validate the matrix shapes and ``top_k`` before any compute."""
-    if P.ndim != 2 or A.ndim != 2:
-        raise SimilarityError(f"P and A must be 2-D, got shapes {tuple(P.shape)} and {tuple(A.shape)}")
-    if P.shape[0] != A.shape[0]:
-        raise SimilarityError(
-            f"P has {P.shape[0]} images but A has {A.shape[0]}; both must cover the same probe images"
-        )
-    if top_k < 1:
-        raise SimilarityError(f"top_k must be at least 1, got {top_k}")
-    if A.shape[0] < top_k:
-        raise SimilarityError(
-            f"top_k={top_k} is larger than the number of probe images ({A.shape[0]}); "
-            f"lower similarity.params.top_k or add probe images"
-        )
 
 
 def _normalise_over_units(log_likelihood: torch.Tensor, lam: float) -> torch.Tensor:
