@@ -270,6 +270,48 @@ def runs(database: Path) -> None:
     click.echo(format_table(columns, rows))
 
 
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--param", "param_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Parameter passed to the function(s), for example --param quantile=0.75.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic units.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a Markdown table.")
+def sanity(names: tuple[str, ...], param_pairs: tuple[str, ...], seed: int, as_json: bool) -> None:
+    """Run the missing-label and extra-label tests on similarity functions NAMES (default: all).
+
+    Each function scores synthetic units whose ground-truth concepts are known.
+    The exit code is 0 whatever the outcome; read the table.
+    """
+    from mammo_dissect.core.plugins import get_registry
+    from mammo_dissect.core.sanity import format_sanity_table
+    from mammo_dissect.core.sanity import run_sanity_checks
+
+    registry = get_registry()
+    selected = list(names) or registry.names("similarity function")
+    params = _parse_options(param_pairs)
+    results = []
+    for name in selected:
+        results.extend(run_sanity_checks(registry.get("similarity function", name), params, seed=seed))
+    if as_json:
+        payload = [
+            {
+                "function": result.function,
+                "params": result.params,
+                "test": result.test,
+                "held": result.held,
+                "comparisons": result.comparisons,
+                "passed": result.passed,
+                "mean_complete": result.mean_complete,
+                "mean_altered": result.mean_altered,
+                "seed": result.seed,
+            }
+            for result in results
+        ]
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        click.echo(format_sanity_table(results))
+
+
 def build_cli() -> click.Group:
     """Return the command group with plugin commands added."""
     from mammo_dissect.core.plugins import get_registry

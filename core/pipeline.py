@@ -288,7 +288,11 @@ def execute(plan: Plan) -> RunResults:
 
     columns: dict[str, list[np.ndarray]] = {}
     layer_records = []
-    for layer_id, activations in enumerate(layer_activations):
+    from tqdm import tqdm
+
+    for layer_id, activations in enumerate(
+        tqdm(layer_activations, desc="scoring layers", unit="layer", disable=not plan.runtime.progress)
+    ):
         tables, null_stats = score_layer(plan, P, activations.load(), layer_id, config.seed + layer_id)
         for key, value in tables.items():
             columns.setdefault(key, []).append(value)

@@ -34,6 +34,9 @@ LOAD_PLUGINS_ENV = "MAMMO_DISSECT_LOAD_PLUGINS"
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "mammo_dissect.plugins.similarity.wpmi",
+    "mammo_dissect.plugins.similarity.cosine",
+    "mammo_dissect.plugins.similarity.rank_reorder",
+    "mammo_dissect.plugins.similarity.ground_truth_metrics",
     "mammo_dissect.plugins.targets.efficientnet_lite",
     "mammo_dissect.plugins.targets.timm_models",
     "mammo_dissect.plugins.dissectors.annotation",

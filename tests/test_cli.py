@@ -189,3 +189,23 @@ def test_layers_unknown_loader(capsys):
 def test_python_m_entry_point():
     result = subprocess.run([*CLI, "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("mammo-dissect, version")
+
+
+def test_sanity_command_table(capsys):
+    code, out, _ = run_main(["sanity", "correlation", "rank_reorder"], capsys)
+    assert code == 0
+    assert "| correlation | defaults | missing label | 20/20 |" in out
+    assert "| rank_reorder | defaults | extra label | 0/20 |" in out
+
+
+def test_sanity_command_json_params(capsys):
+    code, out, _ = run_main(["sanity", "iou", "--param", "quantile=0.75", "--json"], capsys)
+    results = json.loads(out)
+    assert [result["passed"] for result in results] == [True, True]
+    assert results[0]["params"] == {"quantile": 0.75}
+
+
+def test_sanity_unknown_param(capsys):
+    code, _, err = run_main(["sanity", "correlation", "--param", "top_k=3"], capsys)
+    assert code == 1
+    assert "unknown parameter(s) top_k" in err

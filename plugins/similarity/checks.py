@@ -1,8 +1,8 @@
 """Input checks and unit chunking shared by the similarity functions.
 
 Every similarity function validates P [N x M] and A [N x K] before any
-compute, so a bad input fails with a message naming the value and the fix
-instead of producing NaN scores or a shape error deep inside torch.
+compute.  A bad input then fails with a message naming the value and the
+fix, not with NaN scores or a shape error deep inside torch.
 Functions that build a temporary tensor per unit ([images x units x concepts])
 score the units in chunks sized by :func:`unit_chunks`.
 """
@@ -67,9 +67,9 @@ MAX_CHUNK_ELEMENTS = 1 << 22
 
 
 def unit_chunks(n_units: int, elements_per_unit: int) -> Iterator[slice]:
-    """Yield slices of unit indices whose temporaries hold at most MAX_CHUNK_ELEMENTS elements.
+    """Yield slices of unit indices whose temporaries have at most MAX_CHUNK_ELEMENTS elements.
 
-    A chunk always holds at least one unit, so a single unit larger than the
+    A chunk contains at least one unit, so a single unit larger than the
     limit is still scored (in one chunk of its own).
     """
     units_per_chunk = max(1, MAX_CHUNK_ELEMENTS // max(1, elements_per_unit))

@@ -32,7 +32,7 @@ CUBED_NORM_FLOOR = 1e-3
 
 
 def normalise_columns(matrix: torch.Tensor) -> torch.Tensor:
-    """Divide each column by its L2 norm over images; an all-zero column stays zero.
+    """Divide each column by its L2 norm over images, leaving an all-zero column zero.
 
     CLIP-Dissect divides by the norm unconditionally, so a dead unit (an
     all-zero column) gets NaN scores there.  Here its cosine with every
@@ -73,9 +73,9 @@ def cos_similarity_cubed(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """Compute S [K x M] from centred, cubed and norm-scaled columns of A and P.
 
     Values lie in [-1, 1].  A column whose cubed norm is under the 1e-3
-    floor is divided by the floor, so its scores shrink towards 0; with
-    dissector cosines (spread of about 0.02 over images) that holds for
-    most concepts.  A constant column (a dead unit, or a concept equal on
+    floor is divided by the floor, so its scores shrink towards 0.  That is
+    the case for most concepts of dissector cosines, which vary by about
+    0.02 over images.  A constant column (a dead unit, or a concept equal on
     every image) is zero after centring and scores 0 against everything.
     """
     import torch

@@ -19,13 +19,13 @@ changing the order of its concepts.
 Choices this module makes where the formula is undefined:
 
 * tied concept values: images whose C[:, m] values are equal share the mean
-  of the activations at their ranks, so a concept that is constant over the
-  top images is neither rewarded nor punished by the order of the ties;
+  of the activations at their ranks.  The order of the ties then neither
+  rewards nor punishes a concept that is constant over the top images.
 * baseline 0 (all top activations equal): error / baseline is taken as 1,
-  the value of a random reordering;
-* avg[m] <= 0: the score is one below the lowest score of the row's other
-  concepts, or -1 when no concept of the row has a positive mean, so such
-  concepts rank last and every stored score stays finite.
+  the value of a random reordering.
+* avg[m] <= 0: the score is one below the lowest score among the row's
+  concepts with a positive mean, or -1 when the row has none.  Such concepts
+  rank last and every stored score stays finite.
 
 Each unit's row depends only on its own column of A, so units are scored in
 chunks (see ``checks.unit_chunks``) without changing the result.
