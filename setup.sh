@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up mammo-dissect in a virtual environment (default: .venv; override with VENV=path).
 #
-# torch and torchvision are installed first as a matching pair: PyPI's
-# torchvision does not import beside the torch 2.13.0 CPU wheel, and timm and
-# open_clip need torchvision.  Then the project and its test dependencies.
+# torch and torchvision are installed first as a matching pair (2.14.1 and
+# 0.29.1), because timm and open_clip need a torchvision that imports beside
+# the installed torch.  Then the project and its test dependencies.
 set -euo pipefail
 
 cd "$(dirname "$0")"

@@ -52,7 +52,11 @@ def read_concept_lines(path: Path) -> list[str]:
         ) from None
     # A concept file is line-based, so only \n, \r\n and a lone \r end a line.
     # str.splitlines() would also split on \x0b, \x1c and other separators.
-    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        # The newline that ends the last line does not start a blank line.
+        lines.pop()
+    return lines
 
 
 class TextFileConcepts(ConceptSetSource):
@@ -71,7 +75,7 @@ class TextFileConcepts(ConceptSetSource):
 
 class AnnotationConcepts(ConceptSetSource):
     name = "annotations"
-    description = "the concept texts the probe set annotates (use with the annotation dissector)"
+    description = "the concept texts annotated on at least one probe image (use with the annotation dissector)"
 
     def load(self, options: Options, probe_set: ProbeSet | None = None) -> list[Concept | str]:
         if probe_set is None or not probe_set.annotation_vocabulary:
@@ -80,7 +84,15 @@ class AnnotationConcepts(ConceptSetSource):
                 f"concept set 'annotations' needs a probe set with an annotation vocabulary, "
                 f"but probe set reader {reader!r} has none; use concept set 'text' with a file"
             )
-        return list(probe_set.annotation_vocabulary)
+        present = {annotation for image in probe_set.images for annotation in image.annotations}
+        concepts = [text for text in probe_set.annotation_vocabulary if text in present]
+        absent = [text for text in probe_set.annotation_vocabulary if text not in present]
+        if absent:
+            logger.info(
+                "concept set 'annotations': left out %d concept(s) that no probe image carries: %s",
+                len(absent), ", ".join(absent),
+            )
+        return concepts
 
     def source_description(self, options: Options) -> str:
         return "probe-set annotation vocabulary"

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field
@@ -42,8 +43,26 @@ class NormalisedConcepts:
 
 
 def clean_text(text: str) -> str:
-    """Strip line endings and surrounding spaces and collapse inner runs of whitespace."""
-    return _SPACES.sub(" ", text.replace("\ufeff", "")).strip()
+    """Normalise a concept text: NFC form, no invisible characters, single spaces, no surrounding spaces.
+
+    Control characters (NUL, line endings, tabs) become spaces and format
+    characters (zero-width spaces and joiners, byte-order marks) are removed,
+    so two texts that look the same compare equal.
+    """
+    text = unicodedata.normalize("NFC", text)
+    kept = []
+    for character in text:
+        category = unicodedata.category(character)
+        if category == "Cc":
+            kept.append(" ")
+        elif category != "Cf":
+            kept.append(character)
+    return _SPACES.sub(" ", "".join(kept)).strip()
+
+
+def shorten(text: str, width: int = 80) -> str:
+    """Return ``text`` cut to ``width`` characters for log messages, marking the cut."""
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def normalise_concepts(raw: Iterable[Concept | str], source: str) -> NormalisedConcepts:
@@ -71,7 +90,9 @@ def normalise_concepts(raw: Iterable[Concept | str], source: str) -> NormalisedC
     if result.blank_lines:
         logger.info("concept set %s: dropped %d blank line(s)", source, result.blank_lines)
     if result.duplicates:
-        listed = "; ".join(f"{d['dropped']!r} (same as {d['kept']!r})" for d in result.duplicates[:20])
+        listed = "; ".join(
+            f"{shorten(d['dropped'])!r} (same as {shorten(d['kept'])!r})" for d in result.duplicates[:20]
+        )
         logger.warning("concept set %s: dropped %d duplicate(s): %s", source, len(result.duplicates), listed)
     if not result.concepts:
         raise ConceptSetError(

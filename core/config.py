@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -100,17 +101,6 @@ class RunConfig(Section):
             raise ValueError("device must be cpu, cuda, cuda:N, mps or xpu")
         return device
 
-    def resolved_paths(self, base: Path) -> RunConfig:
-        """Return a copy whose relative paths are made absolute against ``base``."""
-        data = self.model_dump()
-        for key in ("cache_dir", "database"):
-            path = Path(data[key]).expanduser()
-            data[key] = path if path.is_absolute() else (base / path).resolve()
-        for section in ("probe_set", "concept_set", "dissector"):
-            _resolve_option_paths(data[section]["options"], base)
-        _resolve_option_paths(data["target"]["options"], base)
-        return RunConfig.model_validate(data)
-
     def as_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -118,21 +108,48 @@ class RunConfig(Section):
         return hashlib.sha256(json.dumps(self.as_json_dict(), sort_keys=True).encode()).hexdigest()
 
 
-#: Option names whose values are file or folder paths, resolved against the config file's folder.
+#: Option names whose values are file or folder paths.
 PATH_OPTIONS = ("root", "path", "weights", "descriptions", "model_config", "tokenizer")
+#: Top-level fields that are paths.
+PATH_FIELDS = ("cache_dir", "database")
+PLUGIN_SECTIONS = ("probe_set", "target", "dissector", "concept_set")
 
 
-def _resolve_option_paths(options: dict[str, Any], base: Path) -> None:
-    for key in PATH_OPTIONS:
-        value = options.get(key)
-        if isinstance(value, str) and value and "://" not in value and not value.startswith("hf-hub:"):
-            path = Path(value).expanduser()
-            options[key] = str(path if path.is_absolute() else (base / path).resolve())
-        elif isinstance(value, list):
-            options[key] = [
-                str((base / Path(item).expanduser()).resolve()) if isinstance(item, str) and not Path(item).expanduser().is_absolute() else item
-                for item in value
-            ]
+def _resolve_path(value: Any, base: Path) -> Any:
+    """Make a relative local path absolute against ``base``; leave URLs and non-strings alone."""
+    if not isinstance(value, str) or not value or "://" in value or value.startswith("hf-hub:"):
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _resolve_value(key: str, value: Any, base: Path) -> Any:
+    if isinstance(value, list) and key in PATH_OPTIONS:
+        return [_resolve_path(item, base) for item in value]
+    return _resolve_path(value, base)
+
+
+def resolve_raw_paths(data: dict[str, Any], base: Path) -> None:
+    """Resolve the path fields of a raw configuration dict against ``base`` (in place).
+
+    Values of the wrong type are left as they are for validation to report.
+    """
+    for key in PATH_FIELDS:
+        if key in data:
+            data[key] = _resolve_path(data[key], base)
+    for section in PLUGIN_SECTIONS:
+        body = data.get(section)
+        options = body.get("options") if isinstance(body, dict) else None
+        if isinstance(options, dict):
+            for key in PATH_OPTIONS:
+                if key in options:
+                    options[key] = _resolve_value(key, options[key], base)
+
+
+def _is_path_key(parts: list[str]) -> bool:
+    if len(parts) == 1:
+        return parts[0] in PATH_FIELDS
+    return len(parts) == 3 and parts[0] in PLUGIN_SECTIONS and parts[1] == "options" and parts[2] in PATH_OPTIONS
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -150,10 +167,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides to a raw configuration dict (in place)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], base: Path | None = None) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides to a raw configuration dict (in place).
+
+    Relative paths given for path fields are resolved against ``base``
+    (the current directory when it is None).
+    """
+    base = base or Path.cwd()
     for text in overrides:
         parts, value = parse_override(text)
+        if _is_path_key(parts):
+            value = _resolve_value(parts[-1], value, base)
         node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})
@@ -181,14 +205,17 @@ def read_toml(path: Path) -> dict[str, Any]:
 def load_config(path: Path | None, overrides: list[str] | None = None, data: dict[str, Any] | None = None) -> RunConfig:
     """Load and validate a run configuration.
 
-    Relative paths, in the file and in overrides alike, are resolved against
-    the file's folder, or against the current directory when there is no file.
+    Relative paths in the file are resolved against the file's folder; those
+    in ``data`` and in overrides, against the current directory.
     """
-    raw = read_toml(path) if path is not None else dict(data or {})
+    if path is not None:
+        raw = read_toml(path)
+        resolve_raw_paths(raw, Path(path).resolve().parent)
+    else:
+        raw = copy.deepcopy(dict(data or {}))
+        resolve_raw_paths(raw, Path.cwd())
     apply_overrides(raw, list(overrides or []))
     try:
-        config = RunConfig.model_validate(raw)
+        return RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "")) from None
-    base = Path(path).resolve().parent if path is not None else Path.cwd()
-    return config.resolved_paths(base)

@@ -76,6 +76,10 @@ class StoreError(MammoDissectError):
     """The DuckDB store could not be opened, read or written."""
 
 
+class Terminated(BaseException):  # noqa: N818 - named like KeyboardInterrupt, its sibling
+    """The process received SIGTERM; like KeyboardInterrupt, it is not an ordinary error."""
+
+
 def close_matches(name: str, known: Iterable[str], n: int = 5) -> list[str]:
     """Return up to ``n`` names from ``known`` that look like ``name``."""
     return difflib.get_close_matches(name, list(known), n=n, cutoff=0.4)

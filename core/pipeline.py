@@ -32,6 +32,7 @@ from mammo_dissect.core.config import RunConfig
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import MammoDissectError
 from mammo_dissect.core.errors import ProbeSetError
+from mammo_dissect.core.errors import Terminated
 from mammo_dissect.core.extraction import LayerActivations
 from mammo_dissect.core.extraction import ResolvedLayer
 from mammo_dissect.core.extraction import extract_activations
@@ -132,6 +133,14 @@ def prepare(config: RunConfig, registry: Registry | None = None, progress: bool 
     source = concept_source.source_description(concept_options)
     concepts = normalise_concepts(concept_source.load(concept_options, probe_set), source)
 
+    dissector.check(dissector_options, probe_set, concepts.texts)
+    if config.top_n > len(concepts.concepts):
+        logger.info(
+            "top_n=%d is more than the %d concepts; every unit keeps all %d",
+            config.top_n, len(concepts.concepts), len(concepts.concepts),
+        )
+    check_device(config.device)
+
     target = target_loader.load(target_options)
     layers = resolve_layers(target.model, config.target.layers)
 
@@ -143,7 +152,6 @@ def prepare(config: RunConfig, registry: Registry | None = None, progress: bool 
         num_workers=config.num_workers,
         progress=progress,
     )
-    _check_device(config.device)
     return Plan(
         config=config,
         registry=registry,
@@ -189,11 +197,27 @@ def resolved_config(plan: Plan) -> dict[str, Any]:
     return data
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """Raise :class:`ConfigError` unless ``device`` names a torch device that is available here."""
     import torch
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but no CUDA device is available; set device = \"cpu\"")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"device={device!r} is not a valid torch device ({exc}); use cpu, cuda or cuda:N") from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
+    if not available.get(parsed.type, lambda: False)():
+        raise ConfigError(f"device={device!r} is not available on this machine; use device = \"cpu\"")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
 
 
 def score_layer(
@@ -400,6 +424,12 @@ def image_records(probe_set: ProbeSet) -> tuple[list[ImageRecord], str]:
     return records, fingerprint
 
 
+def _remove_work_dir(work_dir: Path) -> None:
+    if work_dir.exists():
+        shutil.rmtree(work_dir, ignore_errors=True)
+        logger.info("removed the activation files of the unfinished run: %s", work_dir)
+
+
 def _mark_failed(store: Any, run_id: str, message: str, status: str) -> None:
     """Record a failed run; a failure to record it is logged so the original error still surfaces."""
     from mammo_dissect.core.errors import StoreError
@@ -422,16 +452,18 @@ def run(
 ) -> RunOutcome:
     """Validate, run and store one dissection.
 
-    The database is opened first, so a database held by another process fails
-    at once.  Inputs are validated before the run row is written: bad input
-    leaves no trace in the store.  A failure after that leaves the run with
-    status ``failed`` (``interrupted`` on Ctrl-C) and no label rows.
+    Every input is validated and the models are loaded before the database is
+    opened, so bad input leaves no trace in the store (not even a new empty
+    file).  The database is then opened before any forward pass, so one held
+    by another process fails at once.  A failure after the run row is written
+    leaves the run with status ``failed`` (``interrupted`` on Ctrl-C or
+    SIGTERM), no label rows, and no activation files.
     """
     from mammo_dissect.core.store import Store
 
+    plan = prepare(config, registry, progress=progress)
+    images, fingerprint = image_records(plan.probe_set)
     with Store(Path(config.database)) as store:
-        plan = prepare(config, registry, progress=progress)
-        images, fingerprint = image_records(plan.probe_set)
         stored_config = resolved_config(plan)
         store.begin_run(
             plan.run_id,
@@ -445,11 +477,14 @@ def run(
             results.images = images
             results.probe_fingerprint = fingerprint
             store.write_results(plan.run_id, results)
-        except KeyboardInterrupt:
-            _mark_failed(store, plan.run_id, "interrupted by the user", "interrupted")
+        except (KeyboardInterrupt, Terminated) as exc:
+            reason = "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            _mark_failed(store, plan.run_id, reason, "interrupted")
+            _remove_work_dir(plan.work_dir)
             raise
         except BaseException as exc:
             _mark_failed(store, plan.run_id, f"{type(exc).__name__}: {exc}", "failed")
+            _remove_work_dir(plan.work_dir)
             raise
     if not keep_activations:
         shutil.rmtree(plan.work_dir, ignore_errors=True)

@@ -345,9 +345,13 @@ def _from_json(text: Any) -> Any:
 
 
 def _lock_message(path: str, exc: duckdb.Error, read_only: bool) -> str:
-    mode = "read it" if read_only else "write to it"
+    if read_only:
+        return (
+            f"cannot open the results database {path} to read it: a run in another process is "
+            f"writing to it ({exc}). Wait for that run to finish, then try again."
+        )
     return (
-        f"cannot open the results database {path} to {mode}: another process holds a lock "
+        f"cannot open the results database {path} to write to it: another process holds a lock "
         f"on it ({exc}). Wait for that run to finish, or pass another --database file."
     )
 
@@ -590,6 +594,26 @@ def _arrow_tables(results: RunResults) -> dict[str, pa.Table]:
 # ---------------------------------------------------------------- the store
 
 
+def _check_is_duckdb_file(path: Path) -> None:
+    """Raise :class:`StoreError` when ``path`` exists but is not a DuckDB database file."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head[8:12] == b"DUCK":
+        return
+    kind = "an SQLite database" if head.startswith(b"SQLite format 3") else "not a DuckDB database"
+    raise StoreError(
+        f"{path} is {kind}; mammo-dissect stores results in DuckDB files. "
+        f"Choose another --database path"
+    )
+
+
+#: DuckDB would otherwise download and load extensions on demand, for example
+#: sqlite_scanner when pointed at an SQLite file: never reach the network.
+NO_EXTENSION_DOWNLOADS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+
 class Store:
     """A DuckDB results database containing any number of runs.
 
@@ -616,13 +640,14 @@ class Store:
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         path = str(self.path)
+        _check_is_duckdb_file(self.path)
         if self.read_only:
             if not self.path.is_file():
                 raise StoreError(
                     f"results database not found: {path}. Check the --database path, "
                     "or run a dissection first to create it."
                 )
-            config: dict[str, Any] = {}
+            config: dict[str, Any] = dict(NO_EXTENSION_DOWNLOADS)
             if self.sandbox:
                 # User SQL may not read or write other files, attach databases or load extensions.
                 config = {
@@ -631,8 +656,14 @@ class Store:
                     "autoinstall_known_extensions": False,
                 }
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            config = {"storage_compatibility_version": STORAGE_COMPATIBILITY_VERSION}
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the folder of the results database {path}: {exc.strerror or exc}; "
+                    f"choose a --database path in a writable folder"
+                ) from exc
+            config = {"storage_compatibility_version": STORAGE_COMPATIBILITY_VERSION, **NO_EXTENSION_DOWNLOADS}
         try:
             return duckdb.connect(path, read_only=self.read_only, config=config)
         except duckdb.IOException as exc:
@@ -889,11 +920,9 @@ class Store:
         if len(matches) == 1:
             return matches[0]
         if matches:
-            raise UnknownNameError(
-                "run",
-                run_id,
-                matches,
-                hint=f"{run_id!r} is the start of {len(matches)} run ids. Give more characters",
+            raise StoreError(
+                f"run id prefix {run_id!r} is ambiguous: it starts {len(matches)} run ids "
+                f"({', '.join(matches[:5])}{', ...' if len(matches) > 5 else ''}); give more characters"
             )
         raise UnknownNameError(
             "run",

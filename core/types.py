@@ -225,6 +225,13 @@ class Dissector(Plugin):
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def check(self, options: Options, probe_set: ProbeSet, concepts: Sequence[str]) -> None:
+        """Raise if this dissector cannot work on ``probe_set`` and ``concepts``.
+
+        Called before any model runs, so a mismatch costs no compute.  The
+        default accepts everything.
+        """
+
     def describe(self, options: Options) -> dict[str, Any]:
         """Return what identifies this dissector's output, for the run record."""
         return {"plugin": self.name, "options": options.model_dump(mode="json")}
@@ -332,8 +339,8 @@ class SimilarityFunction:
         if n_images < needed:
             raise ConfigError(
                 f"similarity function {self.name!r} with {params} needs at least {needed} "
-                f"probe images, but the probe set has {n_images}; add images or lower "
-                f"the parameter (for example similarity.params.top_k)"
+                f"probe images (rows of P and A), but got {n_images}; add probe images or lower "
+                f"the parameter (in a run configuration: similarity.params.top_k)"
             )
 
     def __call__(self, P: torch.Tensor | None, A: torch.Tensor, **params: Any) -> torch.Tensor:

@@ -131,12 +131,12 @@ def test_unknown_layer_lists_close_names(tiny_config, tiny_registry):
     assert "'heda' (closest: head" in str(error.value)
 
 
-def test_unknown_layer_writes_no_run(tiny_config, tiny_registry):
+def test_unknown_layer_creates_no_database(tiny_config, tiny_registry):
     config = copy.deepcopy(tiny_config)
     config["target"]["layers"] = ["nope"]
     with pytest.raises(LayerError):
         run_tiny(config, tiny_registry)
-    assert rows(Path(config["database"]), "SELECT count(*) FROM runs") == [(0,)]
+    assert not Path(config["database"]).exists()
 
 
 def test_unknown_plugin_name_lists_known(tiny_config, tiny_registry):
@@ -243,3 +243,18 @@ def test_stored_config_has_plugin_defaults(tiny_config, tiny_registry):
     assert stored["target"]["options"] == {"seed": 0, "size": 16}
     assert stored["similarity"]["params"]["p_start"] == 0.998
     assert stored["dissector"]["options"] == {"require_annotated": False}
+
+
+def test_config_file_paths_relative_to_file(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "run.toml").write_text(
+        'database = "out/db.duckdb"\n'
+        '[probe_set]\nname = "folder"\noptions = { root = "images" }\n'
+        '[target]\nloader = "timm"\nlayers = ["a"]\n'
+        '[dissector]\nname = "annotation"\n[concept_set]\nname = "annotations"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config(folder / "run.toml", ['probe_set.options.root="elsewhere"'])
+    assert config.database == folder / "out" / "db.duckdb"
+    assert config.probe_set.options["root"] == str(tmp_path / "elsewhere")

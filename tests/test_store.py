@@ -299,7 +299,7 @@ def test_open_writer_locked_by_other_process(locked_database: Path) -> None:
 
 
 def test_open_reader_locked_by_other_process(locked_database: Path) -> None:
-    with pytest.raises(StoreError, match="another process holds a lock"):
+    with pytest.raises(StoreError, match="a run in another process is writing to it"):
         Store(locked_database, read_only=True)
 
 
@@ -405,7 +405,7 @@ def test_get_run_unknown_lists_ids(database: Path) -> None:
 def test_get_run_ambiguous_prefix(tmp_path: Path, image_paths: list[Path]) -> None:
     path = make_database(tmp_path / "two.duckdb", image_paths, run_ids=("run-a", "run-b"))
     with Store(path, read_only=True) as store:
-        with pytest.raises(UnknownNameError, match="start of 2 run ids"):
+        with pytest.raises(StoreError, match="ambiguous: it starts 2 run ids"):
             store.get_run("run-")
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from mammo_dissect.core.concepts import clean_text
+from mammo_dissect.core.concepts import shorten
 from mammo_dissect.core.errors import ConceptSetError
 from mammo_dissect.core.errors import ProbeSetError
 from mammo_dissect.core.hookspecs import hookimpl
@@ -52,6 +53,34 @@ class AnnotationDissector(Dissector):
     description = "ground-truth P from the probe set's labels (needs a probe set with annotations)"
     Options = AnnotationOptions
 
+    def check(self, options: Options, probe_set: ProbeSet, concepts: Sequence[str]) -> None:
+        """Reject probe sets without annotations and concept sets that match none of them."""
+        assert isinstance(options, AnnotationOptions)
+        if not any(image.annotations for image in probe_set.images):
+            raise ProbeSetError(
+                f"probe set {probe_set.reader!r} at {probe_set.root} has no annotations, so the "
+                f"annotation dissector cannot be used; choose a reader that reads labels "
+                f"(such as mini-mias) or another dissector"
+            )
+        annotated = {
+            clean_text(annotation).casefold() for image in probe_set.images for annotation in image.annotations
+        }
+        never = [text for text in concepts if clean_text(text).casefold() not in annotated]
+        if len(never) == len(concepts):
+            raise ConceptSetError(
+                f"no concept of the concept set matches an annotation of probe set {probe_set.reader!r}; "
+                f"annotated concepts are: {', '.join(probe_set.annotation_vocabulary)}"
+            )
+        if never:
+            listed = ", ".join(shorten(text) for text in never[:15]) + (" ..." if len(never) > 15 else "")
+            message = (
+                f"{len(never)} of {len(concepts)} concepts are never annotated in the probe set "
+                f"and get an all-zero column: {listed}"
+            )
+            if options.require_annotated:
+                raise ConceptSetError(message + "; remove them or set require_annotated = false")
+            logger.warning(message)
+
     def image_concept_matrix(
         self,
         options: Options,
@@ -61,13 +90,7 @@ class AnnotationDissector(Dissector):
     ) -> torch.Tensor:
         import torch
 
-        assert isinstance(options, AnnotationOptions)
-        if not any(image.annotations for image in probe_set.images):
-            raise ProbeSetError(
-                f"probe set {probe_set.reader!r} at {probe_set.root} has no annotations, so the "
-                f"annotation dissector cannot be used; choose a reader that reads labels "
-                f"(such as mini-mias) or another dissector"
-            )
+        self.check(options, probe_set, concepts)
         column = {clean_text(text).casefold(): index for index, text in enumerate(concepts)}
         matrix = torch.zeros(len(probe_set.images), len(concepts), dtype=torch.float32)
         for row, image in enumerate(probe_set.images):
@@ -75,21 +98,6 @@ class AnnotationDissector(Dissector):
                 index = column.get(clean_text(annotation).casefold())
                 if index is not None:
                     matrix[row, index] = 1.0
-        never = [text for text, count in zip(concepts, matrix.sum(0).tolist()) if count == 0]
-        if never:
-            message = (
-                f"{len(never)} of {len(concepts)} concepts are never annotated in the probe set "
-                f"and get an all-zero column: {', '.join(never[:15])}"
-                + (" ..." if len(never) > 15 else "")
-            )
-            if options.require_annotated:
-                raise ConceptSetError(message + "; remove them or set require_annotated = false")
-            logger.warning(message)
-        if len(never) == len(concepts):
-            raise ConceptSetError(
-                f"no concept of the concept set matches an annotation of probe set {probe_set.reader!r}; "
-                f"annotated concepts are: {', '.join(probe_set.annotation_vocabulary)}"
-            )
         return matrix
 
     def describe(self, options: Options) -> dict[str, Any]:
