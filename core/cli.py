@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,14 @@ import click
 
 from mammo_dissect import __version__
 from mammo_dissect.core.errors import MammoDissectError
+from mammo_dissect.core.errors import Terminated
 
 
 logger = logging.getLogger("mammo_dissect")
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 DEMO_LAYERS = ["_blocks.2", "_blocks.8", "_blocks.15", "_conv_head"]
 
@@ -177,15 +180,19 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("-o", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
               help="Target loader option, for example -o model=efficientnet-lite0.")
 @click.option("--input-size", nargs=2, type=int, metavar="H W", help="Input height and width; default: the loader's.")
-@click.option("--filter", "pattern", help="Show only layers whose name contains this text.")
+@click.option("--filter", "pattern", help="Show only layers whose name contains this text (brackets as in _blocks[3] work).")
 def layers(loader: str, option_pairs: tuple[str, ...], input_size: tuple[int, int] | None, pattern: str | None) -> None:
     """Print the layers of target LOADER with their output shapes (one forward pass on zeros)."""
     import torch
 
+    from mammo_dissect.core.errors import ConfigError
+    from mammo_dissect.core.extraction import canonical_layer_name
     from mammo_dissect.core.extraction import layer_table
     from mammo_dissect.core.plugins import get_registry
     from mammo_dissect.core.types import validate_options
 
+    if input_size is not None and not all(1 <= side <= 8192 for side in input_size):
+        raise ConfigError(f"--input-size {input_size[0]} {input_size[1]}: height and width must be 1 to 8192 pixels")
     target_loader = get_registry().get("target loader", loader)
     options = validate_options(target_loader.Options, _parse_options(option_pairs), "target.options")
     target = target_loader.load(options)
@@ -194,12 +201,20 @@ def layers(loader: str, option_pairs: tuple[str, ...], input_size: tuple[int, in
         channels = getattr(target.preprocess, "channels", 3)
     else:
         size, channels = input_size, getattr(target.preprocess, "channels", 3)
-    rows = layer_table(target.model, torch.zeros(1, channels, *size))
+    try:
+        rows = layer_table(target.model, torch.zeros(1, channels, *size))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"{target.spec} cannot run on a 1x{channels}x{size[0]}x{size[1]} input: {exc}; try a larger --input-size"
+        ) from None
+    if pattern:
+        pattern = canonical_layer_name(pattern)
+        rows = [row for row in rows if pattern in row[0]]
+        if not rows:
+            raise ConfigError(f"no layer name of {target.spec} contains {pattern!r}; run without --filter to list all")
     click.echo(f"{target.spec}, input 1x{channels}x{size[0]}x{size[1]}")
     width = max(len(name) for name, _, _ in rows)
     for name, kind, shape in rows:
-        if pattern and pattern not in name:
-            continue
         click.echo(f"{name:<{width}}  {kind:<28} {shape}")
 
 
@@ -210,8 +225,11 @@ def layers(loader: str, option_pairs: tuple[str, ...], input_size: tuple[int, in
 @click.option("--csv", "as_csv", is_flag=True, help="Print rows as CSV.")
 def sql(database: Path, query: str, as_json: bool, as_csv: bool) -> None:
     """Run read-only SQL QUERY on DATABASE and print the result."""
+    from mammo_dissect.core.errors import ConfigError
     from mammo_dissect.core.store import read_only_query
 
+    if as_json and as_csv:
+        raise ConfigError("choose one of --json and --csv")
     columns, rows = read_only_query(database, query)
     if as_json:
         click.echo(json.dumps([dict(zip(columns, row)) for row in rows], indent=2, default=str))
@@ -245,16 +263,24 @@ def format_table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
 
 @cli.command()
 @click.argument("database", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--run", "run_id", help="Run id (or a unique prefix); default: the latest run.")
+@click.option("--run", "run_id", help="Run id (or a unique prefix); default: the latest completed run.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder to write index.html and thumbnails into.")
 def report(database: Path, run_id: str | None, out_dir: Path) -> None:
     """Render the HTML report of a run stored in DATABASE."""
+    from mammo_dissect.core.errors import StoreError
     from mammo_dissect.core.store import Store
 
-    if run_id is None:
-        with Store(database, read_only=True) as store:
+    with Store(database, read_only=True) as store:
+        if run_id is None:
             run_id = store.latest_run_id(status="completed") or store.latest_run_id()
+            if run_id is None:
+                raise StoreError(f"{database} contains no runs; run a dissection first")
+        run_id = store.resolve_run_id(run_id)
+        status = store.get_run(run_id)["status"]
+    if status != "completed":
+        logger.warning("run %s has status %s: it stored no labels, so the report shows only its configuration",
+                       run_id, status)
     _render(database, run_id, out_dir)
 
 
@@ -323,8 +349,20 @@ def build_cli() -> click.Group:
     return cli
 
 
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated("terminated by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; maps errors to one-line messages and exit codes."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         group = build_cli()
         group.main(args=argv, prog_name="mammo-dissect", standalone_mode=False)
@@ -340,5 +378,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated:
+        click.echo("terminated by SIGTERM", err=True)
+        sys.exit(EXIT_TERMINATED)
+    except OSError as exc:
+        # File-system errors outside the library's own checks (a report folder
+        # below a file, a read-only disk) still get one line, not a traceback.
+        target = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or exc}:{target}", err=True)
+        sys.exit(EXIT_ERROR)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

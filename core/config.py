@@ -13,6 +13,7 @@ import tomllib
 from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import Field
+from pydantic import StrictInt
 from pydantic import ValidationError
 from pydantic import field_validator
 
@@ -40,7 +41,7 @@ class ProbeSetConfig(PluginChoice):
     """The probe set: reader name and its options (usually ``root``)."""
 
     #: Use only the first N images (for smoke runs).
-    limit: int | None = Field(default=None, ge=1)
+    limit: StrictInt | None = Field(default=None, ge=1)
 
 
 class TargetConfig(Section):
@@ -79,19 +80,27 @@ class RunConfig(Section):
     concept_set: PluginChoice
     similarity: SimilarityConfig = Field(default_factory=SimilarityConfig)
     #: Number of top concepts kept per unit.
-    top_n: int = Field(default=10, ge=1)
+    top_n: StrictInt = Field(default=10, ge=1)
     #: Number of most activating probe images kept per unit.
-    top_k_images: int = Field(default=5, ge=1)
+    top_k_images: StrictInt = Field(default=5, ge=1)
     #: Permutations of the image order of A for each layer's null baseline (0 = none).
-    permutations: int = Field(default=10, ge=0, le=1000)
-    seed: int = 0
-    batch_size: int = Field(default=16, ge=1)
+    permutations: StrictInt = Field(default=10, ge=0, le=1000)
+    #: Seed of the permutations; layer i uses seed + i (0 to 2**62).
+    seed: StrictInt = Field(default=0, ge=0, le=2**62)
+    batch_size: StrictInt = Field(default=16, ge=1)
     #: Background workers that decode images (0 = decode in the main process).
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: StrictInt = Field(default=0, ge=0)
     #: torch device, for example "cpu", "cuda" or "cuda:1".
     device: str = "cpu"
     cache_dir: Path = DEFAULT_CACHE_DIR
     database: Path = Path("mammo-dissect.duckdb")
+
+    @field_validator("cache_dir", "database", mode="before")
+    @classmethod
+    def _non_empty_path(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty; give a file or folder path")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -191,7 +200,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], base: Path | Non
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file, raising :class:`ConfigError` with the position of a syntax error."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(f"configuration file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -215,10 +215,12 @@ def create_manager(
 
 def _load_entry_points(manager: pluggy.PluginManager) -> None:
     allowed = _allowed_entry_points()
+    found: set[str] = set()
     for dist in importlib.metadata.distributions():
         for entry_point in dist.entry_points:
             if entry_point.group != ENTRY_POINT_GROUP:
                 continue
+            found.add(entry_point.name)
             if allowed is not None and entry_point.name not in allowed:
                 logger.debug("plugin %s not loaded: not in %s", entry_point.name, LOAD_PLUGINS_ENV)
                 continue
@@ -237,6 +239,12 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
             except pluggy.PluginValidationError as exc:
                 raise PluginError(f"plugin {entry_point.name!r} is invalid: {exc}") from None
             _distributions(manager)[entry_point.name] = (dist.metadata["Name"], dist.version)
+    unknown = sorted((allowed or set()) - found)
+    if unknown:
+        logger.warning(
+            "%s names plugin(s) that are not installed: %s; installed: %s",
+            LOAD_PLUGINS_ENV, ", ".join(unknown), ", ".join(sorted(found)) or "none",
+        )
     logger.debug("plugins loaded: %s", [name for name, _ in manager.list_name_plugin()])
 
 

@@ -355,7 +355,16 @@ def render_report(
     for layer in layers:
         layer["pages"] = _pages(layer, len(layer_units[layer["layer_id"]]), units_per_page)
     target = next((model for model in models if model["role"] == "target"), None)
-    common = {"run": run, "models": models, "layers": layers, "target": target, "n_images": n_images}
+    stored_top_n = (run.get("config") or {}).get("top_n")
+    common = {
+        "run": run,
+        "models": models,
+        "layers": layers,
+        "target": target,
+        "n_images": n_images,
+        "shown_concepts": top_concepts,
+        "stored_concepts": stored_top_n,
+    }
 
     index = out_dir / "index.html"
     index.write_text(environment.get_template("index.html").render(**common), encoding="utf-8")

@@ -63,7 +63,7 @@ def _sniff_format(path: Path) -> str:
         return "torch-zip"
     if head[:1] == b"\x80":
         return "pickle"
-    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml")):
         return "html"
     return "unknown"
 
@@ -77,6 +77,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """
     import torch
 
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"weights file {path} is empty (0 bytes); download it again")
     kind = _sniff_format(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -87,7 +89,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise ModelLoadError(f"cannot read safetensors file {path}: {exc}") from exc
     if kind == "html":
         raise ModelLoadError(
-            f"{path} is an HTML page, not a PyTorch weights file (a failed download?); "
+            f"{path} is an HTML or XML page, not a PyTorch weights file (a failed download?); "
             f"download the weights again and check the file size"
         )
     if kind == "tar":

@@ -209,3 +209,137 @@ def test_sanity_unknown_param(capsys):
     code, _, err = run_main(["sanity", "correlation", "--param", "top_k=3"], capsys)
     assert code == 1
     assert "unknown parameter(s) top_k" in err
+
+
+@pytest.mark.parametrize("device", ["mps", "cpu:abc", "cuda:7", "tpu"])
+def test_unavailable_device_rejected_before_run(tiny_config, tiny_registry, tmp_path, capsys, device):
+    config = dict(tiny_config, device=device)
+    code, _, err = run_main(["run", str(write_toml(tmp_path / "r.toml", config))], capsys)
+    assert code == 1
+    assert "device" in err
+    assert not Path(tiny_config["database"]).exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("seed=99999999999999999999", "seed"),
+        ("batch_size=true", "batch_size"),
+        ('database=""', "must not be empty"),
+    ],
+)
+def test_bad_scalar_rejected(tiny_config, tiny_registry, tmp_path, capsys, override, message):
+    config_path = write_toml(tmp_path / "r.toml", tiny_config)
+    code, _, err = run_main(["run", str(config_path), "--set", override], capsys)
+    assert code == 1
+    assert message in err
+
+
+def test_toml_with_bom_accepted(tiny_config, tiny_registry, tmp_path, capsys):
+    path = write_toml(tmp_path / "r.toml", tiny_config)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    code, _, err = run_main(["-q", "run", str(path)], capsys)
+    assert code == 0, err
+
+
+def test_database_below_a_file(tiny_config, tiny_registry, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    config_path = write_toml(tmp_path / "r.toml", dict(tiny_config, database=str(blocker / "db.duckdb")))
+    code, _, err = run_main(["run", str(config_path)], capsys)
+    assert code == 1
+    assert "cannot create the folder of the results database" in err
+
+
+def test_sqlite_file_as_database(tiny_config, tiny_registry, tmp_path, capsys):
+    import sqlite3
+
+    database = tmp_path / "sqlite.duckdb"
+    with sqlite3.connect(database) as con:
+        con.execute("CREATE TABLE t (a)")
+    config_path = write_toml(tmp_path / "r.toml", dict(tiny_config, database=str(database)))
+    code, _, err = run_main(["run", str(config_path)], capsys)
+    assert code == 1
+    assert "is an SQLite database" in err
+
+
+def test_report_below_a_file(completed_run, tmp_path, capsys):
+    database, _ = completed_run
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    code, _, err = run_main(["report", str(database), "--out", str(blocker / "report")], capsys)
+    assert code == 1
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+
+
+def test_report_of_failed_run_warns(tiny_config, tiny_registry, synthetic_probe, tmp_path, capsys):
+    (synthetic_probe / "img007.png").write_bytes(b"not a png at all")
+    config_path = write_toml(tmp_path / "r.toml", tiny_config)
+    run_main(["run", str(config_path)], capsys)
+    code, _, err = run_main(["report", tiny_config["database"], "--out", str(tmp_path / "rep")], capsys)
+    assert code == 0
+    assert "has status failed" in err
+
+
+@pytest.mark.parametrize("size", [["0", "0"], ["-5", "10"], ["100000", "100000"]])
+def test_layers_bad_input_size(capsys, size):
+    code, _, err = run_main(["layers", "efficientnet-lite", "--input-size", *size], capsys)
+    assert code == 1
+    assert "--input-size" in err
+
+
+def test_layers_filter_with_brackets(capsys):
+    code, out, _ = run_main(["layers", "efficientnet-lite", "--filter", "_blocks[15]._project_conv"], capsys)
+    assert code == 0
+    assert "_blocks.15._project_conv " in out
+
+
+def test_layers_filter_no_match(capsys):
+    code, _, err = run_main(["layers", "efficientnet-lite", "--filter", "zzz"], capsys)
+    assert code == 1
+    assert "no layer name" in err
+
+
+def test_sigterm_marks_run_interrupted(tiny_config, tmp_path):
+    """A run killed with SIGTERM mid-extraction is recorded as interrupted, with no labels."""
+    import signal
+
+    import duckdb
+
+    script = tmp_path / "slow_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys._called_from_test = True
+        from mammo_dissect.core import plugins, cli
+        from mammo_dissect.tests import tiny_plugins
+        plugins.set_registry(plugins.Registry(plugins.create_manager(extra_plugins=[tiny_plugins])))
+        original = tiny_plugins.SyntheticReader.load
+        def slow_load(self, options):
+            probe = original(self, options)
+            read = probe.read
+            def slow_read(index):
+                if index == 0:
+                    print("extracting", flush=True)
+                time.sleep(0.2)
+                return read(index)
+            probe.read = slow_read
+            return probe
+        tiny_plugins.SyntheticReader.load = slow_load
+        cli.main(["run", {str(write_toml(tmp_path / "r.toml", tiny_config))!r}])
+    """))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "extracting"
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143
+    assert "terminated by SIGTERM" in err
+    with duckdb.connect(tiny_config["database"], read_only=True) as con:
+        assert con.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
+        assert con.execute("SELECT count(*) FROM unit_labels").fetchone()[0] == 0
+    assert not any((Path(tiny_config["cache_dir"]) / "runs").glob("*/*.npy")), "activation files left behind"

@@ -258,3 +258,12 @@ def test_config_file_paths_relative_to_file(tmp_path, monkeypatch):
     config = load_config(folder / "run.toml", ['probe_set.options.root="elsewhere"'])
     assert config.database == folder / "out" / "db.duckdb"
     assert config.probe_set.options["root"] == str(tmp_path / "elsewhere")
+
+
+def test_folder_probe_with_annotation_dissector_rejected_early(tiny_config, tiny_registry, synthetic_probe):
+    config = dict(tiny_config, probe_set={"name": "folder", "options": {"root": str(synthetic_probe)}})
+    config["concept_set"] = {"name": "mammography-basic"}
+    with pytest.raises(ProbeSetError) as error:
+        run_tiny(config, tiny_registry)
+    assert "has no annotations" in str(error.value)
+    assert not Path(tiny_config["database"]).exists()

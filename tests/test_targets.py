@@ -133,7 +133,7 @@ def test_timm_html_page_rejected(tmp_path):
     page.write_text("<!DOCTYPE html><html><body>Access denied</body></html>")
     with pytest.raises(ModelLoadError) as error:
         load_timm(model="test_resnet", weights=str(page))
-    assert "HTML page" in str(error.value)
+    assert "HTML or XML page" in str(error.value)
 
 
 def test_timm_retarred_checkpoint_rejected(timm_weights, tmp_path):
@@ -193,3 +193,18 @@ def test_timm_unknown_architecture_suggests():
     with pytest.raises(UnknownNameError) as error:
         load_timm(model="test_resnett", random_init=True)
     assert "test_resnet" in str(error.value)
+
+
+def test_timm_empty_weights_file(tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelLoadError) as error:
+        load_timm(model="test_resnet", weights=str(empty))
+    assert "is empty (0 bytes)" in str(error.value)
+
+
+def test_timm_negative_input_size_rejected():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        TimmOptions(model="test_resnet", input_size=(-1, -1))

@@ -10,8 +10,10 @@ of unit k's ``top_k`` most activating images (descending):
 
 and in both S[k, m] = L[k, m] - lam * (logsumexp_k L[k, m] - log K).  The
 second term normalises over all K units passed in one call, so a layer must
-be scored whole.  Scores are unbounded log-probabilities and comparable only
-within one setup (same concept set, dissector and probe set).
+be scored whole.  Scores are log-probability ratios, comparable only within
+one setup (same concept set, dissector and probe set).  Since L[k, m] is at
+most logsumexp_k L[k, m], soft_wpmi's default lam = 1 caps every score at
+ln K, and units whose top images all carry one concept sit near that cap.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ if TYPE_CHECKING:
     import torch
 
 
-VALUE_RANGE = (
-    "unbounded log-probability ratio (values above 1 are normal); comparable only "
+SOFT_WPMI_RANGE = (
+    "log-probability ratio, not bounded below; at most ln K (K = units of the layer) when lam = 1, "
+    "so values above 1 are normal; comparable only within one concept set, dissector and probe set"
+)
+WPMI_RANGE = (
+    "sum of log-probabilities minus lam times a log prior, not bounded below; comparable only "
     "within one concept set, dissector and probe set"
 )
 
@@ -110,7 +116,7 @@ def register_similarity_functions(register: Any) -> None:
             name="soft_wpmi",
             fn=soft_wpmi,
             description="soft weighted pointwise mutual information (CLIP-Dissect default)",
-            value_range=VALUE_RANGE,
+            value_range=SOFT_WPMI_RANGE,
             min_images=_top_k_needed,
         )
     )
@@ -119,7 +125,7 @@ def register_similarity_functions(register: Any) -> None:
             name="wpmi",
             fn=wpmi,
             description="weighted pointwise mutual information over each unit's top images",
-            value_range=VALUE_RANGE,
+            value_range=WPMI_RANGE,
             min_images=_top_k_needed,
         )
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 from typing import Any
 
 from pydantic import Field
@@ -33,7 +34,7 @@ class TimmOptions(Options):
     #: Number of classifier outputs; default: timm's default for the architecture.
     num_classes: int | None = Field(default=None, ge=0)
     #: Input size (height, width); default: the architecture's pretrained configuration.
-    input_size: tuple[int, int] | None = None
+    input_size: tuple[Annotated[int, Field(ge=8, le=8192)], Annotated[int, Field(ge=8, le=8192)]] | None = None
     #: Number of input channels of the model (1 for grey-level models).
     in_chans: int = Field(default=3, ge=1, le=3)
     #: Build the model with random weights (a null baseline) instead of loading ``weights``.
