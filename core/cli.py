@@ -75,8 +75,9 @@ def _run_config(config_path: Path | None, overrides: list[str], data: dict[str, 
 @click.option("--limit", type=int, help="Use only the first N probe images (smoke runs).")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Also render the HTML report into this folder.")
+@click.option("--recompute", is_flag=True, help="Ignore cached activations and embeddings and compute them again.")
 def run(config: Path, overrides: tuple[str, ...], database: Path | None, device: str | None,
-        batch_size: int | None, limit: int | None, report_dir: Path | None) -> None:
+        batch_size: int | None, limit: int | None, report_dir: Path | None, recompute: bool) -> None:
     """Run the dissection described by the TOML file CONFIG."""
     from mammo_dissect.core.pipeline import run as run_pipeline
 
@@ -89,7 +90,7 @@ def run(config: Path, overrides: tuple[str, ...], database: Path | None, device:
         extra.append(f"batch_size={batch_size}")
     if limit is not None:
         extra.append(f"probe_set.limit={limit}")
-    outcome = run_pipeline(_run_config(config, extra), progress=_State.progress)
+    outcome = run_pipeline(_run_config(config, extra), progress=_State.progress, recompute=recompute)
     _print_outcome(outcome)
     if report_dir is not None:
         _render(outcome.database, outcome.run_id, report_dir)
@@ -336,6 +337,59 @@ def sanity(names: tuple[str, ...], param_pairs: tuple[str, ...], seed: int, as_j
         click.echo(json.dumps(payload, indent=2))
     else:
         click.echo(format_sanity_table(results))
+
+
+@cli.group()
+def cache() -> None:
+    """Show and prune the cache of activations and embeddings."""
+
+
+def _cache_root(cache_dir: Path | None, config: Path | None) -> Path:
+    from mammo_dissect.core.config import DEFAULT_CACHE_DIR
+
+    if cache_dir is not None:
+        return cache_dir
+    if config is not None:
+        return Path(_run_config(config, []).cache_dir)
+    return DEFAULT_CACHE_DIR.expanduser()
+
+
+@cache.command(name="ls")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), help="Cache folder; default: ~/.cache/mammo-dissect.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help="Take the cache folder from this run configuration.")
+def cache_ls(cache_dir: Path | None, config_path: Path | None) -> None:
+    """List cached arrays with their size and whether their checksum still matches."""
+    from mammo_dissect.core.cache import ArrayCache
+
+    root = _cache_root(cache_dir, config_path)
+    entries = ArrayCache(root).entries()
+    rows = [
+        (entry.kind, entry.key[:16], f"{entry.size_bytes / 1e6:.1f}", entry.created_at,
+         "ok" if entry.valid else "INVALID", entry.description)
+        for entry in entries
+    ]
+    click.echo(f"cache: {root}")
+    click.echo(format_table(["kind", "key", "MB", "created", "check", "description"], rows))
+
+
+@cache.command(name="rm")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), help="Cache folder; default: ~/.cache/mammo-dissect.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help="Take the cache folder from this run configuration.")
+@click.option("--kind", type=click.Choice(["activations", "image_embeddings", "text_embeddings"]), help="Remove only this kind.")
+@click.option("--key", "key_prefix", default="", help="Remove only entries whose key starts with this.")
+@click.option("--invalid", is_flag=True, help="Remove only entries whose checksum does not match.")
+@click.option("--all", "remove_all", is_flag=True, help="Allow removing every entry (no filter given).")
+def cache_rm(cache_dir: Path | None, config_path: Path | None, kind: str | None, key_prefix: str,
+             invalid: bool, remove_all: bool) -> None:
+    """Remove cached arrays; they are recomputed when a run needs them."""
+    from mammo_dissect.core.cache import ArrayCache
+    from mammo_dissect.core.errors import ConfigError
+
+    if not (kind or key_prefix or invalid or remove_all):
+        raise ConfigError("give --kind, --key or --invalid to choose entries, or --all to remove every entry")
+    removed = ArrayCache(_cache_root(cache_dir, config_path)).remove(kind, key_prefix, invalid_only=invalid)
+    freed = sum(entry.size_bytes for entry in removed) / 1e6
+    click.echo(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} ({freed:.1f} MB)")
 
 
 def build_cli() -> click.Group:

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import unicodedata
+from collections.abc import Callable
 from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field
@@ -100,3 +101,25 @@ def normalise_concepts(raw: Iterable[Concept | str], source: str) -> NormalisedC
             f"put one concept per line"
         )
     return result
+
+
+def over_long_concepts(
+    texts: Iterable[str],
+    count_tokens: Callable[[str], int] | None,
+    limit: int,
+) -> list[tuple[str, int]]:
+    """Return ``(text, token count)`` for every text longer than ``limit`` tokens.
+
+    ``count_tokens`` is the dissector's tokenizer (for CLIP's BPE the limit
+    is 77 including the start and end tokens).  Without a tokenizer, words
+    separated by spaces are counted, which underestimates BPE token counts.
+    """
+    if limit < 1:
+        raise ConceptSetError(f"token limit must be at least 1, got {limit}")
+    counter = count_tokens or (lambda text: len(text.split()))
+    found = []
+    for text in texts:
+        count = int(counter(text))
+        if count > limit:
+            found.append((text, count))
+    return found

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
 
+import numpy as np
+
 from mammo_dissect.core.errors import ConceptSetError
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import MammoDissectError
@@ -57,8 +59,14 @@ def embed_and_compare(
     probe_set: ProbeSet,
     concepts: list[str],
     runtime: Runtime,
+    cache_parts: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Encode every probe image and concept and return P [N x M] in float32 on the CPU.
+
+    With ``runtime.cache`` and ``cache_parts`` (what identifies the
+    dissector's output, from its ``describe``), image and concept
+    embeddings are cached separately: a new concept list reuses the image
+    embeddings, and a second target on the same probe set reuses both.
 
     Concepts are checked and encoded before any image is decoded, so a bad
     concept fails the run early.  When the dissector sets
@@ -87,8 +95,18 @@ def embed_and_compare(
     # no_grad rather than inference_mode: inference tensors would make later
     # in-place updates of P fail outside inference mode.
     with torch.no_grad():
-        texts = encode_concepts(loaded, concepts, runtime)
-        images = encode_probe_images(loaded, probe_set, runtime, text_dim=texts.shape[1])
+        texts = _cached(
+            runtime, cache_parts, "text_embeddings", {"concepts": list(concepts)},
+            f"concept embeddings of {loaded.spec}",
+            lambda: encode_concepts(loaded, concepts, runtime),
+        )
+        preprocessing = loaded.preprocess.describe() if hasattr(loaded.preprocess, "describe") else repr(loaded.preprocess)
+        images = _cached(
+            runtime, cache_parts, "image_embeddings",
+            {"probe_fingerprint": runtime.probe_fingerprint, "preprocessing": preprocessing},
+            f"image embeddings of {loaded.spec}",
+            lambda: encode_probe_images(loaded, probe_set, runtime, text_dim=texts.shape[1]),
+        )
 
     image_unit = torch.nn.functional.normalize(images, dim=1)
     text_unit = torch.nn.functional.normalize(texts, dim=1)
@@ -101,6 +119,30 @@ def embed_and_compare(
         images.shape[1],
     )
     return similarity.contiguous()
+
+
+def _cached(
+    runtime: Runtime,
+    cache_parts: dict[str, Any] | None,
+    kind: str,
+    parts: dict[str, Any],
+    what: str,
+    compute: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """Return ``compute()``, through the runtime's array cache when there is one."""
+    import torch
+
+    if runtime.cache is None or cache_parts is None or (kind == "image_embeddings" and not runtime.probe_fingerprint):
+        return compute()
+    from mammo_dissect.core.cache import cache_key
+
+    key = cache_key({"kind": kind, "dissector": cache_parts, **parts})
+    hit = runtime.cache.load(kind, key, what)
+    if hit is not None:
+        return torch.from_numpy(np.array(hit[0], dtype=np.float32))
+    value = compute()
+    runtime.cache.store(kind, key, value.cpu().numpy().astype(np.float32), {"description": what})
+    return value
 
 
 def check_texts_before_encoding(loaded: LoadedDissector, concepts: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mammo_dissect.core.cache import write_json_atomic
 from mammo_dissect.core.errors import LayerError
 from mammo_dissect.core.errors import MammoDissectError
 from mammo_dissect.core.errors import close_matches
@@ -84,8 +86,9 @@ def pool_output(output: Any, pooling: str, layout: dict[str, Any] | None = None)
     """Reduce one layer output to [B, K] per unit.
 
     4-D [B, C, H, W]: spatial mean ("avg") or maximum ("max").  3-D token
-    outputs: the CLS token at ``layout["cls_index"]`` (default 0); with
-    ``layout["token_first"]`` the layout is [T, B, D].  2-D: as is.  A tuple
+    outputs: the CLS token at ``layout["cls_index"]`` (default 0), or the mean
+    of the tokens after ``layout["num_prefix_tokens"]`` when ``cls_index`` is
+    None; with ``layout["token_first"]`` the layout is [T, B, D].  2-D: as is.  A tuple
     or list: its first element.  The result is a new tensor, so a later
     in-place operation cannot change it.
     """
@@ -102,8 +105,12 @@ def pool_output(output: Any, pooling: str, layout: dict[str, Any] | None = None)
         pooled = output.mean(dim=(2, 3)) if pooling == "avg" else output.amax(dim=(2, 3))
     elif output.ndim == 3:
         layout = layout or {}
-        index = int(layout.get("cls_index", 0))
-        pooled = output[index] if layout.get("token_first", False) else output[:, index]
+        tokens = output.transpose(0, 1) if layout.get("token_first", False) else output
+        if "cls_index" in layout and layout["cls_index"] is None:
+            # No class token: average the patch tokens after the prefix (register) tokens.
+            pooled = tokens[:, int(layout.get("num_prefix_tokens", 0)):].mean(dim=1)
+        else:
+            pooled = tokens[:, int(layout.get("cls_index", 0))]
     elif output.ndim == 2:
         pooled = output
     else:
@@ -125,13 +132,19 @@ class _ProbeDataset:
         return index, self.preprocess(self.probe_set.read(index))
 
 
-def make_loader(probe_set: ProbeSet, preprocess: Any, runtime: Runtime) -> Any:
-    """Build a DataLoader that decodes and preprocesses images in order."""
+def make_loader(
+    probe_set: ProbeSet, preprocess: Any, runtime: Runtime, batch_size: int | None = None, start: int = 0
+) -> Any:
+    """Build a DataLoader that decodes and preprocesses images ``start`` to the end, in order."""
     from torch.utils.data import DataLoader
+    from torch.utils.data import Subset
 
+    dataset: Any = _ProbeDataset(probe_set, preprocess)
+    if start:
+        dataset = Subset(dataset, range(start, len(probe_set)))
     return DataLoader(
-        _ProbeDataset(probe_set, preprocess),
-        batch_size=runtime.batch_size,
+        dataset,
+        batch_size=batch_size or runtime.batch_size,
         shuffle=False,
         num_workers=runtime.num_workers,
         pin_memory=runtime.device.startswith("cuda"),
@@ -150,6 +163,32 @@ class LayerActivations:
         return np.load(self.path, mmap_mode="r")
 
 
+PROGRESS_FILE = "progress.json"
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _read_progress(out_dir: Path, n_images: int, layers: Sequence[ResolvedLayer]) -> dict[str, Any] | None:
+    """Return the saved progress of an interrupted extraction into ``out_dir`` if it matches."""
+    path = out_dir / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if progress.get("n_images") != n_images or sorted(progress.get("layers", {})) != sorted(l.name for l in layers):
+        return None
+    for layer in layers:
+        if not (out_dir / f"{safe_file_name(layer.name)}.npy").is_file():
+            return None
+    return progress
+
+
 def extract_activations(
     target: LoadedTarget,
     layers: Sequence[ResolvedLayer],
@@ -162,7 +201,11 @@ def extract_activations(
 
     One forward pass per batch serves all layers.  Each batch's pooled
     activations are written into a memory-mapped .npy file per layer, so
-    memory keeps one batch, not the whole probe set.
+    memory keeps one batch, not the whole probe set.  After every batch the
+    number of finished images is saved in ``progress.json``; an extraction
+    into the same ``out_dir`` that was killed continues from there.  When a
+    batch runs out of device memory, the batch size is halved and the batch
+    retried; results do not depend on the batch size.
     """
     import torch
     from tqdm import tqdm
@@ -187,42 +230,42 @@ def extract_activations(
 
         return hook
 
-    handles = [layer.module.register_forward_hook(make_hook(layer)) for layer in layers]
-    arrays: dict[str, np.memmap] = {}
-    paths = {layer.name: out_dir / f"{safe_file_name(layer.name)}.npy" for layer in layers}
     n_images = len(probe_set)
+    paths = {layer.name: out_dir / f"{safe_file_name(layer.name)}.npy" for layer in layers}
+    arrays: dict[str, np.memmap] = {}
+    progress = _read_progress(out_dir, n_images, layers)
+    done = 0
+    if progress is not None:
+        done = int(progress["rows_done"])
+        shapes.update({name: info["output_shape"] for name, info in progress["layers"].items()})
+        for layer in layers:
+            arrays[layer.name] = np.load(paths[layer.name], mmap_mode="r+")
+        logger.info("resuming extraction at image %d of %d from %s", done, n_images, out_dir)
+    else:
+        for stale in out_dir.glob("*.npy"):
+            stale.unlink()
+
+    handles = [layer.module.register_forward_hook(make_hook(layer)) for layer in layers]
+    batch_size = runtime.batch_size
+    bar = tqdm(total=n_images, initial=done, desc="target activations", unit="img", disable=not runtime.progress)
     try:
-        loader = make_loader(probe_set, target.preprocess, runtime)
-        bar = tqdm(total=n_images, desc="target activations", unit="img", disable=not runtime.progress)
-        with torch.inference_mode():
-            for indices, batch in loader:
-                pooled.clear()
-                batch = batch.to(runtime.device, non_blocking=True)
-                model(batch)
-                if repeated_calls:
-                    raise LayerError(
-                        f"layer(s) {', '.join(sorted(repeated_calls))} run more than once per forward pass "
-                        f"(a shared module such as an activation reused by several blocks), so their "
-                        f"output is ambiguous; choose the block or convolution that contains them"
-                    )
-                start, stop = int(indices[0]), int(indices[-1]) + 1
-                for layer in layers:
-                    values = pooled.get(layer.name)
-                    if values is None:
-                        raise LayerError(
-                            f"layer {layer.name!r} was not called during the forward pass; "
-                            f"choose a layer the model's forward() uses"
-                        )
-                    values = values.cpu().numpy()
-                    check_finite_batch(values, layer.name, probe_set, start)
-                    if layer.name not in arrays:
-                        arrays[layer.name] = np.lib.format.open_memmap(
-                            paths[layer.name], mode="w+", dtype=np.float32, shape=(n_images, values.shape[1])
-                        )
-                    arrays[layer.name][start:stop] = values
-                bar.update(stop - start)
-        bar.close()
+        while done < n_images:
+            try:
+                done = _extract_from(
+                    model, layers, probe_set, target, runtime, batch_size, done,
+                    pooled, shapes, repeated_calls, arrays, paths, out_dir, bar,
+                )
+            except (RuntimeError, MemoryError) as exc:
+                if not _is_out_of_memory(exc) or batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                logger.warning(
+                    "out of memory at image %d; retrying with batch size %d: %s", done, batch_size, exc
+                )
+                if runtime.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
     finally:
+        bar.close()
         for handle in handles:
             handle.remove()
     results = []
@@ -231,6 +274,69 @@ def extract_activations(
         results.append(LayerActivations(layer=layer, path=paths[layer.name], output_shape=shapes.get(layer.name, [])))
     del arrays
     return results
+
+
+def _extract_from(
+    model: Any,
+    layers: Sequence[ResolvedLayer],
+    probe_set: ProbeSet,
+    target: LoadedTarget,
+    runtime: Runtime,
+    batch_size: int,
+    start_at: int,
+    pooled: dict[str, Any],
+    shapes: dict[str, list[int]],
+    repeated_calls: set[str],
+    arrays: dict[str, np.memmap],
+    paths: dict[str, Path],
+    out_dir: Path,
+    bar: Any,
+) -> int:
+    """Extract images ``start_at`` to the end; return the number of images finished."""
+    import torch
+
+    n_images = len(probe_set)
+    done = start_at
+    loader = make_loader(probe_set, target.preprocess, runtime, batch_size=batch_size, start=start_at)
+    with torch.inference_mode():
+        for indices, batch in loader:
+            pooled.clear()
+            batch = batch.to(runtime.device, non_blocking=True)
+            model(batch)
+            if repeated_calls:
+                raise LayerError(
+                    f"layer(s) {', '.join(sorted(repeated_calls))} run more than once per forward pass "
+                    f"(a shared module such as an activation reused by several blocks), so their "
+                    f"output is ambiguous; choose the block or convolution that contains them"
+                )
+            start, stop = int(indices[0]), int(indices[-1]) + 1
+            for layer in layers:
+                values = pooled.get(layer.name)
+                if values is None:
+                    raise LayerError(
+                        f"layer {layer.name!r} was not called during the forward pass; "
+                        f"choose a layer the model's forward() uses"
+                    )
+                values = values.cpu().numpy()
+                check_finite_batch(values, layer.name, probe_set, start)
+                if layer.name not in arrays:
+                    arrays[layer.name] = np.lib.format.open_memmap(
+                        paths[layer.name], mode="w+", dtype=np.float32, shape=(n_images, values.shape[1])
+                    )
+                arrays[layer.name][start:stop] = values
+            for array in arrays.values():
+                array.flush()
+            done = stop
+            write_json_atomic(
+                out_dir / PROGRESS_FILE,
+                {
+                    "n_images": n_images,
+                    "rows_done": done,
+                    "layers": {layer.name: {"output_shape": shapes.get(layer.name, [])} for layer in layers},
+                },
+            )
+            bar.update(stop - start)
+    return done
 
 
 def check_finite_batch(values: np.ndarray, layer: str, probe_set: ProbeSet, start: int) -> None:

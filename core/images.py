@@ -87,17 +87,24 @@ def read_dicom(path: Path) -> np.ndarray:
         dataset = pydicom.dcmread(path)
         pixels = dataset.pixel_array
     except Exception as exc:  # pydicom raises many types for broken files
-        raise ProbeSetError(f"cannot decode DICOM file {path}: {type(exc).__name__}: {exc}") from exc
+        raise ProbeSetError(_decode_error_message(path, exc)) from exc
     samples_per_pixel = int(dataset.get("SamplesPerPixel", 1))
     if pixels.ndim == 4 or (pixels.ndim == 3 and samples_per_pixel == 1):
         raise ProbeSetError(
             f"DICOM file {path} contains {pixels.shape[0]} frames, but probe images must be single frames; "
             f"export one frame per file"
         )
-    data = apply_modality_lut(pixels, dataset).astype(np.float64)
+    modality = apply_modality_lut(pixels, dataset)
+    data = modality.astype(np.float64)
     low, high = _modality_output_range(dataset)
     if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
-        data = apply_voi_lut(data, dataset, index=0).astype(np.float64)
+        if "VOILUTSequence" in dataset and np.issubdtype(modality.dtype, np.floating):
+            # A VOI LUT is indexed by integer values; pydicom warns that float input may give wrong
+            # results, so a rescale that produced whole numbers is turned back into integers.
+            rounded = np.round(modality)
+            if np.array_equal(rounded, modality):
+                modality = rounded.astype(np.int64)
+        data = apply_voi_lut(modality if "VOILUTSequence" in dataset else data, dataset, index=0).astype(np.float64)
         if "VOILUTSequence" in dataset:
             # NOTE: some files declare 16-bit LUT entries but store 12-bit
             # values; such images come out darker than their window intends.
@@ -108,6 +115,18 @@ def read_dicom(path: Path) -> np.ndarray:
     if dataset.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         scaled = 1.0 - scaled
     return np.ascontiguousarray(np.clip(scaled, 0.0, 1.0), dtype=np.float32)
+
+
+def _decode_error_message(path: Path, exc: Exception) -> str:
+    """Return the message for a DICOM file that pydicom cannot decode, naming the missing plugins if any."""
+    message = f"cannot decode DICOM file {path}: {type(exc).__name__}: {exc}"
+    text = str(exc).lower()
+    if "plugin" in text or "missing" in text or "dependencies" in text:
+        packages = sorted({name for names in DICOM_HANDLER_PACKAGES.values() for name in names})
+        message += (
+            f"; compressed transfer syntaxes need pydicom's optional decoders: pip install {' '.join(packages)}"
+        )
+    return message
 
 
 def _modality_output_range(dataset: Any) -> tuple[float, float]:
@@ -133,10 +152,56 @@ def _modality_output_range(dataset: Any) -> tuple[float, float]:
     return low, high
 
 
-def dicom_metadata(path: Path) -> dict[str, Any]:
-    """Read patient, study, laterality, view and pixel spacing from a DICOM header.
+#: Optional pydicom 3 decoding plugins by transfer syntax family: the pip
+#: packages that let ``pixel_array`` decode compressed DICOM files.  RLE
+#: Lossless and uncompressed files need none of them.
+DICOM_HANDLER_PACKAGES: dict[str, tuple[str, ...]] = {
+    "JPEG baseline, extended and lossless": ("pylibjpeg", "pylibjpeg-libjpeg"),
+    "JPEG-LS": ("pylibjpeg", "pylibjpeg-libjpeg"),
+    "JPEG 2000": ("pylibjpeg", "pylibjpeg-openjpeg"),
+    "RLE Lossless (faster than pydicom's own decoder)": ("pylibjpeg", "pylibjpeg-rle"),
+}
 
-    Raises :class:`ProbeSetError` naming the file when it is not a readable DICOM file.
+#: ViewPosition values for the code meanings of a ViewCodeSequence (DICOM CID 4014).
+_VIEW_CODE_MEANINGS: dict[str, str] = {
+    "cranio-caudal": "CC",
+    "medio-lateral oblique": "MLO",
+    "medio-lateral": "ML",
+    "latero-medial": "LM",
+    "latero-medial oblique": "LMO",
+    "caudo-cranial (from below)": "FB",
+    "exaggerated cranio-caudal": "XCCL",
+    "cranio-caudal exaggerated laterally": "XCCL",
+    "cranio-caudal exaggerated medially": "XCCM",
+    "superolateral to inferomedial oblique": "SIO",
+}
+
+
+def _view_from_code_sequence(dataset: Any) -> str | None:
+    """Return the view of a ViewCodeSequence as a ViewPosition value (``MLO``), or None."""
+    sequence = dataset.get("ViewCodeSequence")
+    if not sequence:
+        return None
+    meaning = str(sequence[0].get("CodeMeaning", "")).strip().lower()
+    return _VIEW_CODE_MEANINGS.get(meaning) or (meaning or None)
+
+
+def _text(dataset: Any, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def dicom_metadata(path: Path) -> dict[str, Any]:
+    """Read patient, study, laterality, view, pixel spacing and pixel format from a DICOM header.
+
+    Laterality is ImageLaterality, else the series' Laterality (CBIS-DDSM
+    files carry only the latter), as ``L``/``R``/``B``/``U``.  View is
+    ViewPosition, else the code meaning of ViewCodeSequence mapped to a
+    ViewPosition value.  Pixel spacing is PixelSpacing, else
+    ImagerPixelSpacing, in millimetres as [row, column].  ``study_id`` is the
+    StudyInstanceUID.  Raises :class:`ProbeSetError` naming the file when it
+    is not a readable DICOM file.
     """
     import pydicom
 
@@ -144,16 +209,28 @@ def dicom_metadata(path: Path) -> dict[str, Any]:
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # pydicom raises many types for broken files
         raise ProbeSetError(f"cannot read the DICOM header of {path}: {type(exc).__name__}: {exc}") from exc
-    laterality = dataset.get("ImageLaterality") or dataset.get("Laterality")
+    laterality = _text(dataset, "ImageLaterality") or _text(dataset, "Laterality")
     spacing = dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing")
+    file_meta = getattr(dataset, "file_meta", None)
+    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     return {
-        "patient_id": str(dataset.get("PatientID", "")) or None,
-        "study_id": str(dataset.get("StudyInstanceUID", "")) or None,
-        "laterality": str(laterality) if laterality else None,
-        "view": str(dataset.get("ViewPosition", "")) or None,
+        "patient_id": _text(dataset, "PatientID"),
+        "study_id": _text(dataset, "StudyInstanceUID"),
+        "series_id": _text(dataset, "SeriesInstanceUID"),
+        "sop_instance_uid": _text(dataset, "SOPInstanceUID"),
+        "accession_number": _text(dataset, "AccessionNumber"),
+        "laterality": laterality.upper() if laterality else None,
+        "view": _text(dataset, "ViewPosition") or _view_from_code_sequence(dataset),
         "pixel_spacing": [float(value) for value in spacing] if spacing else None,
-        "photometric_interpretation": str(dataset.get("PhotometricInterpretation", "")) or None,
+        "rows": int(dataset.get("Rows", 0)) or None,
+        "columns": int(dataset.get("Columns", 0)) or None,
+        "photometric_interpretation": _text(dataset, "PhotometricInterpretation"),
         "bits_stored": int(dataset.get("BitsStored", 0)) or None,
+        "bits_allocated": int(dataset.get("BitsAllocated", 0)) or None,
+        "pixel_representation": int(dataset.get("PixelRepresentation", 0)),
+        "transfer_syntax": transfer_syntax.name if transfer_syntax else None,
+        "manufacturer": _text(dataset, "Manufacturer"),
+        "modality": _text(dataset, "Modality"),
     }
 
 

@@ -19,6 +19,7 @@ import logging
 import secrets
 import shutil
 from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from mammo_dissect import __version__
+from mammo_dissect.core.cache import ArrayCache
+from mammo_dissect.core.cache import cache_key
 from mammo_dissect.core.concepts import NormalisedConcepts
 from mammo_dissect.core.concepts import normalise_concepts
 from mammo_dissect.core.config import RunConfig
@@ -81,7 +84,11 @@ class Plan:
     similarity: SimilarityFunction
     similarity_params: dict[str, Any]
     runtime: Runtime
-    work_dir: Path
+    cache: ArrayCache
+    images: list[ImageRecord]
+    probe_fingerprint: str
+    #: Activation files of the run, by layer name; filled in by :func:`execute`.
+    activation_files: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,7 +100,8 @@ class RunOutcome:
     n_images: int
     n_concepts: int
     layers: list[tuple[str, int]]
-    work_dir: Path
+    #: Cached pooled activations [N x K] (float32 .npy) of each layer.
+    activation_files: dict[str, Path]
 
 
 def new_run_id() -> str:
@@ -101,7 +109,9 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def prepare(config: RunConfig, registry: Registry | None = None, progress: bool = True) -> Plan:
+def prepare(
+    config: RunConfig, registry: Registry | None = None, progress: bool = True, recompute: bool = False
+) -> Plan:
     """Resolve plugins and load and check every input; no forward pass happens here."""
     registry = registry or get_registry()
     reader = registry.get("probe set", config.probe_set.name)
@@ -145,12 +155,15 @@ def prepare(config: RunConfig, registry: Registry | None = None, progress: bool 
     layers = resolve_layers(target.model, config.target.layers)
 
     run_id = new_run_id()
-    work_dir = Path(config.cache_dir).expanduser() / "runs" / run_id
+    images, fingerprint = image_records(probe_set)
+    cache = ArrayCache(Path(config.cache_dir), recompute=recompute)
     runtime = Runtime(
         batch_size=config.batch_size,
         device=config.device,
         num_workers=config.num_workers,
         progress=progress,
+        cache=cache,
+        probe_fingerprint=fingerprint,
     )
     return Plan(
         config=config,
@@ -172,7 +185,9 @@ def prepare(config: RunConfig, registry: Registry | None = None, progress: bool 
         similarity=similarity,
         similarity_params=similarity_params,
         runtime=runtime,
-        work_dir=work_dir,
+        cache=cache,
+        images=images,
+        probe_fingerprint=fingerprint,
     )
 
 
@@ -289,6 +304,71 @@ def score_layer(
     return tables, null_stats
 
 
+def activation_key_parts(plan: Plan) -> dict[str, Any]:
+    """Return everything that determines a layer's pooled activations, except the layer itself."""
+    options = plan.plugin_options["target"].model_dump(mode="json")
+    # The weights file's hash identifies the weights; its path does not.
+    options.pop("weights", None)
+    preprocess = plan.target.preprocess
+    return {
+        "kind": "activations",
+        "target_loader": plan.config.target.loader,
+        "target_options": options,
+        "target_spec": plan.target.spec,
+        "weights_sha256": plan.target.weights_sha256,
+        "preprocessing": preprocess.describe() if hasattr(preprocess, "describe") else repr(preprocess),
+        "token_layout": plan.target.token_layout,
+        "pooling": plan.config.target.pooling,
+        "probe_fingerprint": plan.probe_fingerprint,
+        "probe_decoding": plan.probe_set.decoding,
+    }
+
+
+def cached_activations(plan: Plan) -> list[LayerActivations]:
+    """Return every layer's pooled activations, from the cache or from one forward pass.
+
+    Layers found in the cache are reused; the others are extracted together
+    into a partial folder (resumable after a crash) and then moved into the
+    cache.
+    """
+    base = activation_key_parts(plan)
+    keys = {layer.name: cache_key({**base, "layer": layer.name}) for layer in plan.layers}
+    found: dict[str, LayerActivations] = {}
+    missing = []
+    for layer in plan.layers:
+        hit = plan.cache.load("activations", keys[layer.name], f"activations of layer {layer.name}")
+        if hit is None:
+            missing.append(layer)
+            continue
+        array, meta = hit
+        found[layer.name] = LayerActivations(
+            layer=layer, path=plan.cache.entry_dir("activations", keys[layer.name]) / "array.npy",
+            output_shape=list(meta.get("output_shape", [])),
+        )
+    if missing:
+        group = cache_key({"layers": sorted(keys[layer.name] for layer in missing)})
+        partial = plan.cache.root / "partial" / group
+        if plan.cache.recompute and partial.exists():
+            shutil.rmtree(partial)
+        extracted = extract_activations(
+            plan.target, missing, plan.probe_set, plan.runtime, plan.config.target.pooling, partial
+        )
+        for activations in extracted:
+            name = activations.layer.name
+            path = plan.cache.store_file(
+                "activations",
+                keys[name],
+                activations.path,
+                {
+                    "description": f"{plan.target.spec} layer {name}, {len(plan.probe_set)} images",
+                    "output_shape": activations.output_shape,
+                },
+            )
+            found[name] = LayerActivations(layer=activations.layer, path=path, output_shape=activations.output_shape)
+        shutil.rmtree(partial, ignore_errors=True)
+    return [found[layer.name] for layer in plan.layers]
+
+
 def execute(plan: Plan) -> RunResults:
     """Run extraction, the dissector and scoring for a prepared plan."""
     config = plan.config
@@ -296,9 +376,8 @@ def execute(plan: Plan) -> RunResults:
         "run %s: %d images, %d concepts, %d layer(s) of %s",
         plan.run_id, len(plan.probe_set), len(plan.concepts.concepts), len(plan.layers), plan.target.spec,
     )
-    layer_activations = extract_activations(
-        plan.target, plan.layers, plan.probe_set, plan.runtime, config.target.pooling, plan.work_dir
-    )
+    layer_activations = cached_activations(plan)
+    plan.activation_files = {activations.layer.name: activations.path for activations in layer_activations}
     P = plan.dissector.image_concept_matrix(
         plan.dissector_options, plan.probe_set, plan.concepts.texts, plan.runtime
     )
@@ -424,12 +503,6 @@ def image_records(probe_set: ProbeSet) -> tuple[list[ImageRecord], str]:
     return records, fingerprint
 
 
-def _remove_work_dir(work_dir: Path) -> None:
-    if work_dir.exists():
-        shutil.rmtree(work_dir, ignore_errors=True)
-        logger.info("removed the activation files of the unfinished run: %s", work_dir)
-
-
 def _mark_failed(store: Any, run_id: str, message: str, status: str) -> None:
     """Record a failed run; a failure to record it is logged so the original error still surfaces."""
     from mammo_dissect.core.errors import StoreError
@@ -448,7 +521,7 @@ def run(
     config: RunConfig,
     registry: Registry | None = None,
     progress: bool = True,
-    keep_activations: bool = True,
+    recompute: bool = False,
 ) -> RunOutcome:
     """Validate, run and store one dissection.
 
@@ -457,13 +530,16 @@ def run(
     file).  The database is then opened before any forward pass, so one held
     by another process fails at once.  A failure after the run row is written
     leaves the run with status ``failed`` (``interrupted`` on Ctrl-C or
-    SIGTERM), no label rows, and no activation files.
+    SIGTERM) and no label rows.  Pooled activations and dissector embeddings
+    go through the content-addressed cache in ``cache_dir``; an interrupted
+    extraction continues from its last finished batch when the same
+    configuration runs again, and ``recompute`` ignores cached arrays.
     """
     from mammo_dissect.core.store import Store
 
-    plan = prepare(config, registry, progress=progress)
-    images, fingerprint = image_records(plan.probe_set)
+    plan = prepare(config, registry, progress=progress, recompute=recompute)
     with Store(Path(config.database)) as store:
+        store.mark_abandoned_runs()
         stored_config = resolved_config(plan)
         store.begin_run(
             plan.run_id,
@@ -474,25 +550,21 @@ def run(
         )
         try:
             results = execute(plan)
-            results.images = images
-            results.probe_fingerprint = fingerprint
+            results.images = plan.images
+            results.probe_fingerprint = plan.probe_fingerprint
             store.write_results(plan.run_id, results)
         except (KeyboardInterrupt, Terminated) as exc:
             reason = "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else str(exc)
             _mark_failed(store, plan.run_id, reason, "interrupted")
-            _remove_work_dir(plan.work_dir)
             raise
         except BaseException as exc:
             _mark_failed(store, plan.run_id, f"{type(exc).__name__}: {exc}", "failed")
-            _remove_work_dir(plan.work_dir)
             raise
-    if not keep_activations:
-        shutil.rmtree(plan.work_dir, ignore_errors=True)
     return RunOutcome(
         run_id=plan.run_id,
         database=Path(config.database),
         n_images=len(plan.probe_set),
         n_concepts=len(plan.concepts.concepts),
         layers=[(record.name, record.n_units) for record in results.layers],
-        work_dir=plan.work_dir,
+        activation_files=dict(plan.activation_files),
     )

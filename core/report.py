@@ -1,10 +1,14 @@
-"""Render the HTML report of one run from the store.
+"""Render the HTML report of one run, or the comparison of several runs, from the store.
 
-The report is a folder of static files: ``index.html`` with the run summary
-and the per-layer overview, one or more pages per layer with a table of its
-units, and PNG thumbnails of the probe images in ``images/``.  Pages use
-inline CSS only and load nothing from the network, so they open offline.
-The report reads the store through a read-only connection.
+A single-run report is a folder of static files: ``index.html`` with the run
+summary and the per-layer analyses (inline SVG charts), one or more pages per
+layer with a table of its units, PNG thumbnails of the probe images in
+``images/`` and, where the store has activation maps, thumbnails with the
+unit's map overlaid in ``overlays/``.  A comparison report has the
+comparison in ``index.html`` and one single-run report per run in
+``run-1/``, ``run-2/``, ...  Pages use inline CSS, inline SVG and a few lines of
+optional inline script, and load nothing from the network, so they open
+offline.  The report reads the store through a read-only connection.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,9 +25,15 @@ from typing import Any
 import jinja2
 import numpy as np
 
+from mammo_dissect.core import analyses
 from mammo_dissect.core.errors import ProbeSetError
 from mammo_dissect.core.errors import StoreError
+from mammo_dissect.core.heatmap import overlay_heatmap
 from mammo_dissect.core.images import read_image
+from mammo_dissect.core.report_charts import category_colours
+from mammo_dissect.core.report_charts import line_chart
+from mammo_dissect.core.report_charts import run_colour
+from mammo_dissect.core.report_charts import stacked_bar_chart
 from mammo_dissect.core.store import Store
 
 
@@ -31,8 +42,13 @@ logger = logging.getLogger(__name__)
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "reports" / "templates"
 THUMBNAIL_SIZE = 160
 IMAGE_FOLDER = "images"
+OVERLAY_FOLDER = "overlays"
 #: Missing probe images named one by one in the warning; the rest are counted.
 MISSING_IMAGES_LISTED = 5
+#: Changed units listed per pair of runs on the comparison page; the rest are counted.
+LABEL_CHANGES_LISTED = 500
+#: Table of per-unit activation maps (see ``docs/schema.md``); the report reads it where it exists.
+ACTIVATION_MAP_TABLE = "unit_activation_maps"
 
 
 @dataclass
@@ -155,8 +171,13 @@ def _layer_units(
     layer: dict[str, Any],
     top_concepts: int,
     thumbnails: dict[int, Thumbnail | None],
+    out_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Collect the rows of one layer's unit table, ordered by unit index."""
+    """Collect the rows of one layer's unit table, ordered by unit index.
+
+    With ``out_dir`` set and activation maps stored for the layer, each top
+    image also gets an ``overlay`` thumbnail written under ``out_dir``.
+    """
     params = [run_id, layer["layer_id"]]
     units = {
         row["unit"]: {**row, "concepts": [], "images": []}
@@ -193,9 +214,15 @@ def _layer_units(
     for label in labels:
         unit = units.setdefault(label["unit"], _empty_unit(label["unit"]))
         unit["concepts"].append({**label, "bar": _bar_width(label["score"], low, high)})
+    maps = _activation_maps(store, run_id, layer["layer_id"]) if out_dir is not None else {}
     for image in images:
         unit = units.setdefault(image["unit"], _empty_unit(image["unit"]))
-        unit["images"].append({**image, "thumbnail": thumbnails.get(image["image_index"])})
+        thumbnail = thumbnails.get(image["image_index"])
+        overlay = None
+        activation_map = maps.get((image["unit"], image["rank"]))
+        if out_dir is not None and thumbnail is not None and activation_map is not None:
+            overlay = write_overlay(out_dir, thumbnail, activation_map, layer["layer_id"], image["unit"], image["rank"])
+        unit["images"].append({**image, "thumbnail": thumbnail, "overlay": overlay})
 
     null_p95 = layer["null_p95"]
     for unit in units.values():
@@ -284,6 +311,171 @@ def write_thumbnails(
     return thumbnails
 
 
+def _has_table(store: Store, name: str) -> bool:
+    _, rows = store.query(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND schema_name = 'main'", [name]
+    )
+    return bool(rows[0][0])
+
+
+def _activation_maps(store: Store, run_id: str, layer_id: int) -> dict[tuple[int, int], np.ndarray]:
+    """Return the stored activation map of each (unit, rank) of a layer; empty when none are stored."""
+    if not _has_table(store, ACTIVATION_MAP_TABLE):
+        return {}
+    _, rows = store.query(
+        f"SELECT unit, rank, height, width, activation_map FROM {ACTIVATION_MAP_TABLE} "
+        "WHERE run_id = ? AND layer_id = ?",
+        [run_id, layer_id],
+    )
+    maps: dict[tuple[int, int], np.ndarray] = {}
+    for unit, rank, height, width, values in rows:
+        if values is None or len(values) != height * width:
+            logger.warning(
+                "run %s layer %d unit %d rank %d: activation map has %s values, expected %d x %d; not shown",
+                run_id, layer_id, unit, rank, None if values is None else len(values), height, width,
+            )
+            continue
+        maps[(int(unit), int(rank))] = np.asarray(values, dtype=np.float32).reshape(height, width)
+    return maps
+
+
+def write_overlay(
+    out_dir: Path, thumbnail: Thumbnail, activation_map: np.ndarray, layer_id: int, unit: int, rank: int
+) -> Thumbnail | None:
+    """Write the thumbnail with ``activation_map`` overlaid to ``out_dir/overlays``; None when the map is invalid."""
+    from PIL import Image
+
+    folder = out_dir / OVERLAY_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"layer-{layer_id}-unit-{unit}-rank-{rank}.png"
+    try:
+        with Image.open(out_dir / thumbnail.src) as image:
+            overlay_heatmap(image, activation_map).save(folder / name, format="PNG")
+    except ValueError as exc:
+        logger.warning("layer %d unit %d rank %d: activation map not shown: %s", layer_id, unit, rank, exc)
+        return None
+    return Thumbnail(f"{OVERLAY_FOLDER}/{name}", thumbnail.width, thumbnail.height)
+
+
+# ---------------------------------------------------------------- analyses overview
+
+
+THRESHOLD_TEXT = {
+    "local": "a unit passes when its top score is at least its own layer's mean top score",
+    "global": (
+        "a unit passes when its top score is at least the largest mean top score of its layer "
+        "among the runs shown (layers matched by name; for one run this is the local threshold)"
+    ),
+    "none": "every unit passes",
+}
+
+
+def build_overview(
+    store: Store,
+    runs: list[dict[str, Any]],
+    threshold: str,
+    alpha: float | None,
+    layer_links: dict[tuple[str, str], str] | None = None,
+) -> dict[str, Any]:
+    """Collect the per-layer analyses and chart geometry of one or more runs for ``_overview.html``.
+
+    :param runs: dicts with at least ``run_id``, ``number`` and ``colour``, in display order.
+    :param layer_links: (run id, layer name) -> link to the layer's first page.
+    """
+    run_ids = [run["run_id"] for run in runs]
+    summary = analyses.layer_summary(store, run_ids)
+    passing = analyses.passing_layer_summary(store, run_ids, threshold, alpha)
+    broad = analyses.passing_broad_categories(store, run_ids, threshold, alpha)
+    coverage = analyses.category_coverage(store, run_ids, threshold, alpha)
+    never = analyses.never_top_concepts(store, run_ids, threshold, alpha)
+
+    depth_of: dict[str, int] = {}
+    for row in summary:
+        depth_of[row["layer"]] = min(depth_of.get(row["layer"], row["depth"]), row["depth"])
+    layer_names = sorted(depth_of, key=lambda name: (depth_of[name], name))
+    passing_by_key = {(row["run_id"], row["layer"]): row for row in passing}
+    run_by_id = {run["run_id"]: run for run in runs}
+
+    layer_rows = []
+    for row in summary:
+        run = run_by_id[row["run_id"]]
+        extra = passing_by_key.get((row["run_id"], row["layer"]), {})
+        layer_rows.append(
+            {
+                **row,
+                "threshold": extra.get("threshold"),
+                "n_passing": extra.get("n_passing"),
+                "n_mammography": extra.get("n_mammography"),
+                "n_non_mammography": extra.get("n_non_mammography"),
+                "n_unknown_category": extra.get("n_unknown_category"),
+                "mammography_share": extra.get("mammography_share"),
+                "run_number": run["number"],
+                "colour": run["colour"],
+                "link": (layer_links or {}).get((row["run_id"], row["layer"])),
+            }
+        )
+    layer_rows.sort(key=lambda row: (depth_of[row["layer"]], row["layer"], row["run_number"]))
+
+    def values(rows: dict[tuple[str, str], dict[str, Any]], run_id: str, column: str) -> list[float | None]:
+        return [
+            None if rows.get((run_id, name)) is None or rows[(run_id, name)][column] is None
+            else float(rows[(run_id, name)][column])
+            for name in layer_names
+        ]
+
+    summary_by_key = {(row["run_id"], row["layer"]): row for row in summary}
+    labels = [f"{run['number']}: {run.get('name') or run['run_id']}" for run in runs]
+    mean_chart = line_chart(
+        layer_names,
+        [
+            {"name": label, "colour": run["colour"], "values": values(summary_by_key, run["run_id"], "mean_top_score")}
+            for label, run in zip(labels, runs)
+        ],
+    )
+    share_chart = line_chart(
+        layer_names,
+        [
+            {"name": label, "colour": run["colour"], "values": values(passing_by_key, run["run_id"], "mammography_share")}
+            for label, run in zip(labels, runs)
+        ],
+        y_range=(0.0, 1.0),
+        value_format="{:.1%}",
+    )
+    colours = category_colours(sorted({row["broad_category"] for row in broad}, key=lambda c: (c is None, c or "")))
+    counts: dict[tuple[str, str], list[tuple[str | None, int]]] = {}
+    for row in broad:
+        label = labels[run_by_id[row["run_id"]]["number"] - 1]
+        counts.setdefault((row["layer"], label), []).append((row["broad_category"], int(row["n_units"])))
+    category_chart = stacked_bar_chart(layer_names, labels, counts, colours)
+
+    coverage_rows: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for row in coverage:
+        key = (row["broad_category"], row["category"])
+        entry = coverage_rows.setdefault(
+            key,
+            {"broad_category": key[0], "category": key[1], "n_concepts": row["n_concepts"], "covered": [0] * len(runs)},
+        )
+        entry["covered"][run_by_id[row["run_id"]]["number"] - 1] = row["n_concepts_covered"]
+    threshold_text = THRESHOLD_TEXT[threshold]
+    if alpha is not None:
+        threshold_text += f", and beats the null baseline (p-value < {alpha} or top score > null p95) where the layer has one"
+    return {
+        "runs": runs,
+        "threshold": threshold,
+        "alpha": alpha,
+        "threshold_text": threshold_text,
+        "layer_names": layer_names,
+        "layer_rows": layer_rows,
+        "mean_chart": mean_chart,
+        "share_chart": share_chart,
+        "category_chart": category_chart,
+        "coverage_rows": sorted(
+            coverage_rows.values(), key=lambda row: (row["broad_category"] is None, row["broad_category"] or "", row["category"] or "")
+        ),
+        "never": never,
+    }
+
+
 # ---------------------------------------------------------------- rendering
 
 
@@ -312,48 +504,37 @@ def _resolve_run(store: Store, run_id: str | None) -> dict[str, Any]:
     return store.get_run(run_id)
 
 
-def render_report(
-    database: Path,
-    run_id: str | None,
+def _render_run(
+    store: Store,
+    run: dict[str, Any],
     out_dir: Path,
+    environment: jinja2.Environment,
     *,
-    top_concepts: int = 5,
-    units_per_page: int = 256,
-) -> Path:
-    """Render the report of one run into ``out_dir`` and return the path of ``index.html``.
-
-    :param database: the results database, opened read-only.
-    :param run_id: a run id or a unique prefix of one; None picks the newest run.
-    :param out_dir: the report folder, created when missing.  Files of an
-        earlier report in it are overwritten.
-    :param top_concepts: concepts shown per unit, at most the number stored.
-    :param units_per_page: units per layer page; longer layers get several pages.
-    :raises StoreError: when the database cannot be read.
-    :raises UnknownNameError: when no run fits ``run_id``.
-    """
-    if top_concepts < 1 or units_per_page < 1:
-        raise ValueError(
-            f"top_concepts ({top_concepts}) and units_per_page ({units_per_page}) must be >= 1"
-        )
-    out_dir = Path(out_dir)
+    top_concepts: int,
+    units_per_page: int,
+    overview_runs: list[dict[str, Any]] | None = None,
+    threshold: str = "global",
+    alpha: float | None = None,
+    comparison_link: str | None = None,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Write the single-run report of ``run`` into ``out_dir``; return index.html and the layers."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    environment = make_environment()
-
-    with Store(database, read_only=True) as store:
-        run = _resolve_run(store, run_id)
-        full_id = run["run_id"]
-        models = _models(store, full_id)
-        layers = _layers(store, full_id)
-        _, count_rows = store.query("SELECT count(*) FROM probe_images WHERE run_id = ?", [full_id])
-        n_images = count_rows[0][0]
-        thumbnails = write_thumbnails(_used_images(store, full_id), out_dir, full_id)
-        layer_units = {
-            layer["layer_id"]: _layer_units(store, full_id, layer, top_concepts, thumbnails)
-            for layer in layers
-        }
-
+    full_id = run["run_id"]
+    models = _models(store, full_id)
+    layers = _layers(store, full_id)
+    _, count_rows = store.query("SELECT count(*) FROM probe_images WHERE run_id = ?", [full_id])
+    n_images = count_rows[0][0]
+    thumbnails = write_thumbnails(_used_images(store, full_id), out_dir, full_id)
+    layer_units = {
+        layer["layer_id"]: _layer_units(store, full_id, layer, top_concepts, thumbnails, out_dir)
+        for layer in layers
+    }
     for layer in layers:
         layer["pages"] = _pages(layer, len(layer_units[layer["layer_id"]]), units_per_page)
+
+    own = {"run_id": full_id, "number": 1, "colour": run_colour(0), "name": run.get("name")}
+    links = {(full_id, layer["name"]): layer["pages"][0]["file"] for layer in layers}
+    overview = build_overview(store, overview_runs or [own], threshold, alpha, links)
     target = next((model for model in models if model["role"] == "target"), None)
     stored_top_n = (run.get("config") or {}).get("top_n")
     common = {
@@ -364,6 +545,8 @@ def render_report(
         "n_images": n_images,
         "shown_concepts": top_concepts,
         "stored_concepts": stored_top_n,
+        "overview": overview,
+        "comparison_link": comparison_link,
     }
 
     index = out_dir / "index.html"
@@ -372,12 +555,205 @@ def render_report(
     for layer in layers:
         units = layer_units[layer["layer_id"]]
         for page_number, page in enumerate(layer["pages"]):
+            page_units = units[page["start"] : page["start"] + units_per_page]
+            categories = sorted({unit["concepts"][0]["category"] for unit in page_units if unit["concepts"] and unit["concepts"][0]["category"]})
             html = layer_template.render(
                 **common,
                 layer=layer,
                 page_number=page_number,
-                units=units[page["start"] : page["start"] + units_per_page],
+                units=page_units,
+                page_categories=categories,
             )
             (out_dir / page["file"]).write_text(html, encoding="utf-8")
-    logger.info("report of run %s written to %s", full_id, index)
+    return index, layers
+
+
+def _check_render_options(top_concepts: int, units_per_page: int) -> None:
+    if top_concepts < 1 or units_per_page < 1:
+        raise ValueError(
+            f"top_concepts ({top_concepts}) and units_per_page ({units_per_page}) must be >= 1"
+        )
+
+
+def render_report(
+    database: Path,
+    run_id: str | Sequence[str] | None,
+    out_dir: Path,
+    *,
+    top_concepts: int = 5,
+    units_per_page: int = 256,
+) -> Path:
+    """Render the report of one run into ``out_dir`` and return the path of ``index.html``.
+
+    :param database: the results database, opened read-only.
+    :param run_id: a run id or a unique prefix of one; None picks the newest
+        run.  A list of two or more ids renders a comparison
+        (:func:`render_comparison` with its defaults); a list of one id is that run.
+    :param out_dir: the report folder, created when missing.  Files of an
+        earlier report in it are overwritten.
+    :param top_concepts: concepts shown per unit, at most the number stored.
+    :param units_per_page: units per layer page; longer layers get several pages.
+    :raises StoreError: when the database cannot be read.
+    :raises UnknownNameError: when no run fits ``run_id``.
+    """
+    if run_id is not None and not isinstance(run_id, str):
+        run_ids = list(run_id)
+        if len(run_ids) > 1:
+            return render_comparison(
+                database, run_ids, out_dir, top_concepts=top_concepts, units_per_page=units_per_page
+            )
+        if not run_ids:
+            raise ValueError("run_id is an empty list; pass a run id, a list of run ids or None for the newest run")
+        run_id = run_ids[0]
+    _check_render_options(top_concepts, units_per_page)
+    out_dir = Path(out_dir)
+    environment = make_environment()
+    with Store(database, read_only=True) as store:
+        run = _resolve_run(store, run_id)
+        index, _ = _render_run(
+            store, run, out_dir, environment, top_concepts=top_concepts, units_per_page=units_per_page
+        )
+    logger.info("report of run %s written to %s", run["run_id"], index)
+    return index
+
+
+def _first_model(store: Store, run_id: str, role: str) -> dict[str, Any]:
+    models = [model for model in _models(store, run_id) if model["role"] == role]
+    return models[0] if models else {}
+
+
+def _change_section(
+    store: Store,
+    run_a: dict[str, Any],
+    run_b: dict[str, Any],
+    threshold: str,
+    alpha: float | None,
+    same_architecture: bool,
+    pages: dict[tuple[str, str], list[dict[str, Any]]],
+    units_per_page: int,
+) -> dict[str, Any]:
+    """Collect concepts gained and lost and units whose label changed, run B against run A."""
+    rows = analyses.concept_changes(store, run_a["run_id"], run_b["run_id"], threshold, alpha)
+    concepts: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        layer = concepts.setdefault(row["layer"], {"layer": row["layer"], "gained": [], "lost": [], "kept": 0})
+        if row["change"] == "kept":
+            layer["kept"] += 1
+        else:
+            layer[row["change"]].append(row)
+    section: dict[str, Any] = {
+        "run_a": run_a,
+        "run_b": run_b,
+        "concepts": list(concepts.values()),
+        "labels": None,
+        "label_layers": [],
+        "labels_hidden": 0,
+    }
+    if not same_architecture:
+        return section
+
+    def link(run: dict[str, Any], layer: str, unit: int) -> str:
+        layer_pages = pages[(run["run_id"], layer)]
+        page = layer_pages[min(unit // units_per_page, len(layer_pages) - 1)]
+        return f"{run['folder']}/{page['file']}#unit-{unit}"
+
+    changes = analyses.label_changes(store, run_a["run_id"], run_b["run_id"], threshold, alpha)
+    summary = {row["layer"]: row for row in analyses.layer_summary(store, [run_a["run_id"]])}
+    per_layer: dict[str, dict[str, Any]] = {}
+    for row in changes:
+        layer = per_layer.setdefault(
+            row["layer"],
+            {"layer": row["layer"], "n_units": summary[row["layer"]]["n_units"], "n_changed": 0, "n_changed_passing": 0},
+        )
+        layer["n_changed"] += 1
+        layer["n_changed_passing"] += int(bool(row["passes_a"] or row["passes_b"]))
+        row["link_a"] = link(run_a, row["layer"], row["unit"])
+        row["link_b"] = link(run_b, row["layer"], row["unit"])
+    section["labels"] = changes[:LABEL_CHANGES_LISTED]
+    section["labels_hidden"] = max(0, len(changes) - LABEL_CHANGES_LISTED)
+    section["label_layers"] = list(per_layer.values())
+    return section
+
+
+def render_comparison(
+    database: Path,
+    run_ids: Sequence[str],
+    out_dir: Path,
+    *,
+    threshold: str = "global",
+    alpha: float | None = None,
+    strict: bool = True,
+    top_concepts: int = 5,
+    units_per_page: int = 256,
+) -> Path:
+    """Render a side-by-side comparison of runs into ``out_dir`` and return the path of ``index.html``.
+
+    ``index.html`` compares the runs: configurations and fingerprints,
+    per-layer charts, coverage, and for every run after the first the concepts
+    gained and lost and the units whose label changed against the first run.
+    Each run also gets its single-run report in ``run-N/`` (N = 1, 2, ...).
+
+    :param run_ids: one or more run ids or unique prefixes; the first is the
+        reference that later runs are compared against.
+    :param threshold: ``global`` (the study's threshold between models),
+        ``local`` or ``none``; see :mod:`mammo_dissect.core.analyses`.
+    :param alpha: also require units to beat the null baseline at this
+        p-value where the layer has one; None for no null filter.
+    :param strict: raise when the runs' probe sets or concept sets differ;
+        when False, render with a warning at the top of the page.
+    :raises ComparisonError: (``strict``) when probe sets or concept sets differ.
+    :raises UnknownNameError: when a run id fits no run.
+    """
+    _check_render_options(top_concepts, units_per_page)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    environment = make_environment()
+    with Store(database, read_only=True) as store:
+        full_ids = analyses.resolve_run_ids(store, list(run_ids))
+        comparability = analyses.check_comparable(store, full_ids, strict=strict)
+        runs = []
+        for number, full_id in enumerate(full_ids, start=1):
+            run = store.get_run(full_id)
+            target = _first_model(store, full_id, "target")
+            dissector = _first_model(store, full_id, "dissector")
+            run.update(
+                number=number,
+                colour=run_colour(number - 1),
+                folder=f"run-{number}",
+                target_spec=target.get("spec"),
+                weights_sha256=target.get("weights_sha256"),
+                dissector_spec=dissector.get("spec"),
+            )
+            runs.append(run)
+        pages: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        layer_links: dict[tuple[str, str], str] = {}
+        for run in runs:
+            _, layers = _render_run(
+                store,
+                run,
+                out_dir / run["folder"],
+                environment,
+                top_concepts=top_concepts,
+                units_per_page=units_per_page,
+                threshold=threshold,
+                alpha=alpha,
+                overview_runs=None,
+                comparison_link="../index.html",
+            )
+            for layer in layers:
+                pages[(run["run_id"], layer["name"])] = layer["pages"]
+                layer_links[(run["run_id"], layer["name"])] = f"{run['folder']}/{layer['pages'][0]['file']}"
+        overview = build_overview(store, runs, threshold, alpha, layer_links)
+        changes = [
+            _change_section(
+                store, runs[0], run, threshold, alpha, comparability.same_architecture, pages, units_per_page
+            )
+            for run in runs[1:]
+        ]
+    index = out_dir / "index.html"
+    html = environment.get_template("compare.html").render(
+        overview=overview, comparability=comparability, changes=changes, comparison_link=None
+    )
+    index.write_text(html, encoding="utf-8")
+    logger.info("comparison of runs %s written to %s", ", ".join(full_ids), index)
     return index

@@ -244,9 +244,311 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+#: Views and table macros of the study's analyses, created by
+#: :func:`m002_analyses`.  ``docs/analyses.md`` documents each with an example.
+#: Conventions: a unit's top concept is its rank-0 label; ``is_mammography`` is
+#: true when the concept's broad category is set and is not
+#: ``non-mammography``, false for ``non-mammography`` and NULL (unknown) when
+#: the concept has no broad category.  Layers of different runs are matched by
+#: name.  The macros take ``run_list`` (a list of run ids),
+#: ``threshold_mode`` ('local', 'global' or 'none') and ``null_alpha`` (NULL
+#: for no null-baseline filter).
+ANALYSIS_OBJECTS: tuple[tuple[str, str], ...] = (
+    (
+        "VIEW",
+        """
+        unit_tops AS
+        WITH base AS (
+            SELECT
+                s.run_id,
+                s.layer_id,
+                l.name AS layer,
+                l.depth,
+                l.n_units,
+                s.unit,
+                ul.concept_id,
+                c.text AS concept,
+                c.category,
+                c.broad_category,
+                s.top_score,
+                s.percentile,
+                s.p_value,
+                l.null_p95
+            FROM unit_scores AS s
+            JOIN layers AS l ON l.run_id = s.run_id AND l.layer_id = s.layer_id
+            LEFT JOIN unit_labels AS ul
+                ON ul.run_id = s.run_id AND ul.layer_id = s.layer_id AND ul.unit = s.unit AND ul.rank = 0
+            LEFT JOIN concepts AS c ON c.run_id = ul.run_id AND c.concept_id = ul.concept_id
+        )
+        SELECT
+            *,
+            CASE
+                WHEN broad_category IS NULL THEN NULL
+                WHEN broad_category = 'non-mammography' THEN false
+                ELSE true
+            END AS is_mammography,
+            avg(top_score) OVER (PARTITION BY run_id, layer_id) AS layer_mean,
+            top_score >= avg(top_score) OVER (PARTITION BY run_id, layer_id) AS passes_local,
+            top_score > null_p95 AS above_null_p95
+        FROM base
+        """,
+    ),
+    (
+        "VIEW",
+        """
+        layer_summary AS
+        SELECT
+            run_id,
+            layer_id,
+            layer,
+            depth,
+            any_value(n_units) AS n_units,
+            count(*) AS n_scored,
+            avg(top_score) AS mean_top_score,
+            min(top_score) AS min_top_score,
+            quantile_cont(top_score, 0.25) AS q25_top_score,
+            quantile_cont(top_score, 0.5) AS median_top_score,
+            quantile_cont(top_score, 0.75) AS q75_top_score,
+            max(top_score) AS max_top_score,
+            count(DISTINCT concept_id) AS n_distinct_concepts,
+            count(*) FILTER (WHERE is_mammography) AS n_mammography,
+            count(*) FILTER (WHERE NOT is_mammography) AS n_non_mammography,
+            count(*) FILTER (WHERE is_mammography IS NULL) AS n_unknown_category,
+            count(*) FILTER (WHERE is_mammography) / count(*) AS mammography_share,
+            count(*) FILTER (WHERE passes_local) AS n_passing_local,
+            any_value(null_p95) AS null_p95,
+            CASE WHEN any_value(null_p95) IS NULL THEN NULL
+                 ELSE count(*) FILTER (WHERE above_null_p95) END AS n_above_null_p95
+        FROM unit_tops
+        GROUP BY run_id, layer_id, layer, depth
+        """,
+    ),
+    (
+        "VIEW",
+        """
+        layer_categories AS
+        SELECT run_id, layer_id, layer, depth, broad_category, category, count(*) AS n_units
+        FROM unit_tops
+        GROUP BY run_id, layer_id, layer, depth, broad_category, category
+        """,
+    ),
+    (
+        "MACRO",
+        """
+        passing_units(run_list, threshold_mode := 'global', null_alpha := NULL) AS TABLE
+        WITH selected AS (
+            SELECT * FROM unit_tops WHERE list_contains(run_list, run_id)
+        ),
+        layer_means AS (
+            SELECT DISTINCT run_id, layer, layer_mean FROM selected
+        ),
+        global_thresholds AS (
+            SELECT layer, max(layer_mean) AS global_threshold FROM layer_means GROUP BY layer
+        ),
+        thresholds AS (
+            SELECT
+                selected.*,
+                g.global_threshold,
+                CASE threshold_mode
+                    WHEN 'local' THEN selected.layer_mean
+                    WHEN 'global' THEN g.global_threshold
+                    WHEN 'none' THEN NULL
+                    ELSE error('invalid threshold_mode ' || threshold_mode || ': use local, global or none')
+                END AS threshold,
+                CASE
+                    WHEN null_alpha IS NULL THEN NULL
+                    WHEN selected.p_value IS NULL AND selected.null_p95 IS NULL THEN NULL
+                    ELSE coalesce(selected.p_value < null_alpha, false)
+                        OR coalesce(selected.top_score > selected.null_p95, false)
+                END AS passes_null
+            FROM selected
+            JOIN global_thresholds AS g USING (layer)
+        )
+        SELECT
+            *,
+            (threshold IS NULL OR top_score >= threshold) AND coalesce(passes_null, true) AS passes
+        FROM thresholds
+        """,
+    ),
+    (
+        "MACRO",
+        """
+        passing_layer_summary(run_list, threshold_mode := 'global', null_alpha := NULL) AS TABLE
+        SELECT
+            run_id,
+            layer_id,
+            layer,
+            depth,
+            count(*) AS n_units,
+            any_value(threshold) AS threshold,
+            count(*) FILTER (WHERE passes) AS n_passing,
+            count(*) FILTER (WHERE passes AND is_mammography) AS n_mammography,
+            count(*) FILTER (WHERE passes AND NOT is_mammography) AS n_non_mammography,
+            count(*) FILTER (WHERE passes AND is_mammography IS NULL) AS n_unknown_category,
+            CASE WHEN count(*) FILTER (WHERE passes) = 0 THEN NULL
+                 ELSE count(*) FILTER (WHERE passes AND is_mammography) / count(*) FILTER (WHERE passes)
+            END AS mammography_share
+        FROM passing_units(run_list, threshold_mode := threshold_mode, null_alpha := null_alpha)
+        GROUP BY run_id, layer_id, layer, depth
+        """,
+    ),
+    (
+        "MACRO",
+        """
+        passing_categories(run_list, threshold_mode := 'global', null_alpha := NULL) AS TABLE
+        SELECT run_id, layer_id, layer, depth, broad_category, category, count(*) AS n_units
+        FROM passing_units(run_list, threshold_mode := threshold_mode, null_alpha := null_alpha)
+        WHERE passes
+        GROUP BY run_id, layer_id, layer, depth, broad_category, category
+        """,
+    ),
+    (
+        "MACRO",
+        """
+        passing_broad_categories(run_list, threshold_mode := 'global', null_alpha := NULL) AS TABLE
+        WITH counts AS (
+            SELECT run_id, layer_id, layer, depth, broad_category, count(*) AS n_units
+            FROM passing_units(run_list, threshold_mode := threshold_mode, null_alpha := null_alpha)
+            WHERE passes
+            GROUP BY run_id, layer_id, layer, depth, broad_category
+        )
+        SELECT
+            *,
+            n_units / sum(n_units) OVER (PARTITION BY run_id, layer_id) AS share,
+            rank() OVER (PARTITION BY run_id, layer_id ORDER BY n_units DESC) AS category_rank
+        FROM counts
+        """,
+    ),
+    (
+        "MACRO",
+        """
+        concept_changes(run_a, run_b, threshold_mode := 'global', null_alpha := NULL) AS TABLE
+        WITH passing AS (
+            SELECT run_id, layer, concept, category, broad_category, count(*) AS n_units
+            FROM passing_units([run_a, run_b], threshold_mode := threshold_mode, null_alpha := null_alpha)
+            WHERE passes
+            GROUP BY run_id, layer, concept, category, broad_category
+        ),
+        a AS (SELECT * FROM passing WHERE run_id = run_a),
+        b AS (SELECT * FROM passing WHERE run_id = run_b)
+        SELECT
+            coalesce(a.layer, b.layer) AS layer,
+            coalesce(a.concept, b.concept) AS concept,
+            coalesce(a.category, b.category) AS category,
+            coalesce(a.broad_category, b.broad_category) AS broad_category,
+            coalesce(a.n_units, 0) AS n_units_a,
+            coalesce(b.n_units, 0) AS n_units_b,
+            CASE WHEN a.n_units IS NULL THEN 'gained'
+                 WHEN b.n_units IS NULL THEN 'lost'
+                 ELSE 'kept' END AS change
+        FROM a
+        FULL OUTER JOIN b ON a.layer = b.layer AND a.concept = b.concept
+        """,
+    ),
+    (
+        "MACRO",
+        """
+        label_changes(run_a, run_b, threshold_mode := 'global', null_alpha := NULL) AS TABLE
+        WITH units AS (
+            SELECT * FROM passing_units([run_a, run_b], threshold_mode := threshold_mode, null_alpha := null_alpha)
+        ),
+        a AS (SELECT * FROM units WHERE run_id = run_a),
+        b AS (SELECT * FROM units WHERE run_id = run_b)
+        SELECT
+            a.layer,
+            a.depth,
+            a.unit,
+            a.concept AS concept_a,
+            b.concept AS concept_b,
+            a.broad_category AS broad_category_a,
+            b.broad_category AS broad_category_b,
+            a.top_score AS score_a,
+            b.top_score AS score_b,
+            a.passes AS passes_a,
+            b.passes AS passes_b
+        FROM a
+        JOIN b ON a.layer = b.layer AND a.unit = b.unit
+        WHERE a.concept IS DISTINCT FROM b.concept
+        """,
+    ),
+    (
+        "MACRO",
+        """
+        concept_coverage(run_list, threshold_mode := 'global', null_alpha := NULL) AS TABLE
+        WITH passing AS (
+            SELECT run_id, concept_id, count(*) AS n_passing_units
+            FROM passing_units(run_list, threshold_mode := threshold_mode, null_alpha := null_alpha)
+            WHERE passes
+            GROUP BY run_id, concept_id
+        )
+        SELECT
+            c.run_id,
+            c.concept_id,
+            c.text AS concept,
+            c.category,
+            c.broad_category,
+            coalesce(p.n_passing_units, 0) AS n_passing_units
+        FROM concepts AS c
+        LEFT JOIN passing AS p ON p.run_id = c.run_id AND p.concept_id = c.concept_id
+        WHERE list_contains(run_list, c.run_id)
+        """,
+    ),
+    (
+        "MACRO",
+        """
+        category_coverage(run_list, threshold_mode := 'global', null_alpha := NULL) AS TABLE
+        SELECT
+            run_id,
+            broad_category,
+            category,
+            count(*) AS n_concepts,
+            count(*) FILTER (WHERE n_passing_units > 0) AS n_concepts_covered,
+            sum(n_passing_units) AS n_passing_units
+        FROM concept_coverage(run_list, threshold_mode := threshold_mode, null_alpha := null_alpha)
+        GROUP BY run_id, broad_category, category
+        """,
+    ),
+)
+
+
+def create_analysis_objects(con: duckdb.DuckDBPyConnection, *, temporary: bool = False) -> None:
+    """Create the analysis views and macros; ``temporary`` makes session-only copies.
+
+    Temporary copies let a read-only connection to a database without
+    :func:`m002_analyses` run the same queries without changing the file.
+    """
+    prefix = "CREATE OR REPLACE TEMPORARY" if temporary else "CREATE"
+    for kind, body in ANALYSIS_OBJECTS:
+        con.execute(f"{prefix} {kind} {body}")
+
+
+def m002_analyses(con: duckdb.DuckDBPyConnection) -> None:
+    """Add the analysis views and table macros, and the table of per-unit activation maps.
+
+    ``unit_activation_maps`` holds, for each unit and each of its top images
+    (``rank`` as in ``unit_top_images``), the unit's spatial activations on
+    that image as a row-major ``height x width`` list.  The report overlays
+    them on the thumbnails.
+    """
+    con.execute(
+        """
+        CREATE TABLE unit_activation_maps (
+            run_id VARCHAR,
+            layer_id INTEGER,
+            unit INTEGER,
+            rank SMALLINT,
+            height SMALLINT,
+            width SMALLINT,
+            activation_map FLOAT[]
+        )
+        """
+    )
+    create_analysis_objects(con)
+
+
 #: Schema migrations in the order they are applied.  Append new ones, and
 #: never edit or reorder a migration that has been released.
-MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (m001_initial,)
+MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (m001_initial, m002_analyses)
 
 
 def _create_migrations_table(con: duckdb.DuckDBPyConnection) -> None:
@@ -691,6 +993,16 @@ class Store:
             )
         applied = _applied_migrations(self._con)
         pending = [m.__name__ for m in MIGRATIONS if m.__name__ not in applied]
+        if pending == [m002_analyses.__name__]:
+            # Only the analysis views are missing: create session-only copies,
+            # which leave the file unchanged.
+            create_analysis_objects(self._con, temporary=True)
+            logger.info(
+                "results database %s lacks schema migration %s; using temporary analysis views",
+                self.path,
+                m002_analyses.__name__,
+            )
+            return
         if pending:
             logger.warning(
                 "results database %s lacks schema migrations %s; open it once for writing "
@@ -895,6 +1207,24 @@ class Store:
         except duckdb.Error as exc:
             raise StoreError(f"cannot mark run {run_id} as {status} in {self.path}: {exc}") from exc
         logger.info("run %s marked %s in %s", run_id, status, self.path)
+
+    def mark_abandoned_runs(self) -> list[str]:
+        """Mark runs still ``running`` as ``interrupted``; return their ids.
+
+        Only one process can open the file for writing, so when this writer
+        holds it, any run still marked running belongs to a process that
+        ended without finishing (killed with SIGKILL, or crashed).
+        """
+        self._require_writer("mark abandoned runs")
+        rows = self._con.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()
+        abandoned = [str(row[0]) for row in rows]
+        for run_id in abandoned:
+            self._con.execute(
+                "UPDATE runs SET status = 'interrupted', error = ? WHERE run_id = ?",
+                ["the process ended before the run finished (killed or crashed)", run_id],
+            )
+            logger.warning("run %s was left running by a process that ended; marked interrupted", run_id)
+        return abandoned
 
     # -------------------------------------------------------------- reading
 

@@ -23,6 +23,8 @@ from pydantic import ConfigDict
 from pydantic import ValidationError
 
 from mammo_dissect.core.errors import ConfigError
+from mammo_dissect.core.errors import PluginError
+from mammo_dissect.core.errors import SimilarityError
 
 
 if TYPE_CHECKING:
@@ -110,6 +112,9 @@ class ProbeSet:
     #: Function that decodes one image path to a float32 array in [0, 1],
     #: shape [H, W] (grey) or [H, W, 3].
     decoder: Callable[[Path], np.ndarray] | None = None
+    #: Preprocessing steps the decoder applies after decoding, each as plain
+    #: data (see :mod:`mammo_dissect.core.preprocessing`); empty when none.
+    preprocessing: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -133,6 +138,7 @@ class ProbeSet:
             annotation_vocabulary=self.annotation_vocabulary,
             decoding=self.decoding,
             decoder=self.decoder,
+            preprocessing=self.preprocessing,
         )
 
 
@@ -211,6 +217,10 @@ class Runtime:
     device: str = "cpu"
     num_workers: int = 0
     progress: bool = True
+    #: Content-addressed cache for embeddings (a :class:`mammo_dissect.core.cache.ArrayCache`), if any.
+    cache: Any = None
+    #: Fingerprint of the probe set (image ids and file hashes), part of cache keys.
+    probe_fingerprint: str = ""
 
 
 class Dissector(Plugin):
@@ -279,15 +289,32 @@ class EmbeddingDissector(Dissector):
     ) -> torch.Tensor:
         from mammo_dissect.core.embedding import embed_and_compare
 
-        return embed_and_compare(self.load(options), probe_set, list(concepts), runtime)
+        return embed_and_compare(
+            self.load(options), probe_set, list(concepts), runtime, cache_parts=self.describe(options)
+        )
 
 
 # ---------------------------------------------------------------- similarity
 
 
+#: Default bound on the extra memory of one streaming similarity call (1 GiB).
+DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+
+#: Keyword arguments of :meth:`SimilarityFunction.__call__` that are not
+#: function parameters; a similarity function may not declare them.
+RESERVED_SIMILARITY_ARGUMENTS = ("image_embeddings", "text_embeddings", "memory_budget_bytes")
+
+
 @dataclass
 class SimilarityFunction:
-    """A pure tensor function S = fn(P, A, **params) with declared parameters."""
+    """A pure tensor function S = fn(P, A, **params) with declared parameters.
+
+    ``stream_fn(I, T, A, memory_budget_bytes, **params)`` computes the same S
+    from image embeddings I [N x D] and text embeddings T [M x D] without
+    building P = normalise(I) @ normalise(T).T: it computes only the blocks
+    or rows of P it needs, with extra memory bounded by the budget.  It
+    takes the same keyword-only parameters as ``fn``.
+    """
 
     name: str
     fn: Callable[..., torch.Tensor]
@@ -296,15 +323,36 @@ class SimilarityFunction:
     value_range: str = ""
     #: Returns the smallest number of probe images the parameters allow.
     min_images: Callable[[dict[str, Any]], int] | None = None
+    #: Streaming implementation from embeddings; None when the function has none.
+    stream_fn: Callable[..., torch.Tensor] | None = None
 
-    def defaults(self) -> dict[str, Any]:
-        """Return the declared keyword-only parameters and their defaults."""
-        signature = inspect.signature(self.fn)
+    def __post_init__(self) -> None:
+        reserved = sorted(set(self.defaults()) & set(RESERVED_SIMILARITY_ARGUMENTS))
+        if reserved:
+            raise PluginError(
+                f"similarity function {self.name!r} declares reserved parameter(s) {', '.join(reserved)}; "
+                f"rename them, because SimilarityFunction.__call__ takes these names itself"
+            )
+        if self.stream_fn is not None:
+            streamed = self._keyword_only(self.stream_fn)
+            if streamed != self.defaults():
+                raise PluginError(
+                    f"similarity function {self.name!r}: stream_fn declares parameters {streamed} but fn "
+                    f"declares {self.defaults()}; give both the same keyword-only parameters and defaults"
+                )
+
+    @staticmethod
+    def _keyword_only(function: Callable[..., Any]) -> dict[str, Any]:
+        signature = inspect.signature(function)
         return {
             name: parameter.default
             for name, parameter in signature.parameters.items()
             if parameter.kind is inspect.Parameter.KEYWORD_ONLY
         }
+
+    def defaults(self) -> dict[str, Any]:
+        """Return the declared keyword-only parameters and their defaults."""
+        return self._keyword_only(self.fn)
 
     def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Merge ``params`` into the defaults; unknown or mistyped ones are errors."""
@@ -343,8 +391,64 @@ class SimilarityFunction:
                 f"the parameter (in a run configuration: similarity.params.top_k)"
             )
 
-    def __call__(self, P: torch.Tensor | None, A: torch.Tensor, **params: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        P: torch.Tensor | None,
+        A: torch.Tensor,
+        *,
+        image_embeddings: torch.Tensor | None = None,
+        text_embeddings: torch.Tensor | None = None,
+        memory_budget_bytes: int | None = None,
+        **params: Any,
+    ) -> torch.Tensor:
+        """Compute S [K x M] from P [N x M], or from embeddings when P is None.
+
+        ``fn(P, A, **params)`` scores a full P.  ``fn(None, A,
+        image_embeddings=I, text_embeddings=T)`` scores
+        P = normalise(I) @ normalise(T).T without building it, with extra
+        memory bounded by ``memory_budget_bytes`` (default
+        :data:`DEFAULT_MEMORY_BUDGET_BYTES`).  Raises :class:`ConfigError`
+        for unknown or mistyped parameters and too few images, and
+        :class:`SimilarityError` for an invalid combination of arguments.
+        """
         resolved = self.resolve_params(params)
+        embeddings_given = image_embeddings is not None or text_embeddings is not None
         if P is not None:
+            if embeddings_given:
+                raise SimilarityError(
+                    f"similarity function {self.name!r} got both P and embeddings; pass P, or pass None "
+                    f"for P with image_embeddings and text_embeddings"
+                )
+            if memory_budget_bytes is not None:
+                raise SimilarityError(
+                    f"memory_budget_bytes={memory_budget_bytes} has no effect when P is given, because P "
+                    f"itself is already in memory; drop it, or pass None for P with the embeddings"
+                )
             self.check_inputs(P.shape[0], resolved)
-        return self.fn(P, A, **resolved)
+            return self.fn(P, A, **resolved)
+
+        if image_embeddings is None or text_embeddings is None:
+            missing = "image_embeddings" if image_embeddings is None else "text_embeddings"
+            raise SimilarityError(
+                f"P is None and {missing} is missing; pass P, or pass both image_embeddings [N x D] "
+                f"and text_embeddings [M x D]"
+            )
+        if self.stream_fn is None:
+            raise SimilarityError(
+                f"similarity function {self.name!r} has no streaming implementation; pass the full P instead"
+            )
+        budget = check_memory_budget(memory_budget_bytes)
+        self.check_inputs(A.shape[0], resolved)
+        return self.stream_fn(image_embeddings, text_embeddings, A, budget, **resolved)
+
+
+def check_memory_budget(memory_budget_bytes: int | None) -> int:
+    """Return the budget in bytes, the default for None; raise :class:`SimilarityError` if it is not a positive integer."""
+    if memory_budget_bytes is None:
+        return DEFAULT_MEMORY_BUDGET_BYTES
+    if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 1:
+        raise SimilarityError(
+            f"memory_budget_bytes={memory_budget_bytes!r} is invalid; it must be a positive integer number "
+            f"of bytes, for example {DEFAULT_MEMORY_BUDGET_BYTES} for 1 GiB"
+        )
+    return memory_budget_bytes

@@ -53,7 +53,7 @@ def check_local_file(value: str | Path, what: str, option: str) -> Path:
     return path
 
 
-def _sniff_format(path: Path) -> str:
+def sniff_format(path: Path) -> str:
     """Classify a file by its leading bytes: torch-zip, pickle, tar, html or unknown."""
     with open(path, "rb") as handle:
         head = handle.read(512)
@@ -79,7 +79,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     if path.stat().st_size == 0:
         raise ModelLoadError(f"weights file {path} is empty (0 bytes); download it again")
-    kind = _sniff_format(path)
+    kind = sniff_format(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -85,7 +85,7 @@ def test_hooked_output_survives_inplace_relu(tiny_config, tiny_registry):
 
     plan = prepare(load_config(None, data=copy.deepcopy(tiny_config)), tiny_registry, progress=False)
     layers = resolve_layers(plan.target.model, ["features.0"])
-    (stored,) = extract_activations(plan.target, layers, plan.probe_set, plan.runtime, "avg", plan.work_dir)
+    (stored,) = extract_activations(plan.target, layers, plan.probe_set, plan.runtime, "avg", plan.cache.root / "test-extract")
     image = plan.target.preprocess(plan.probe_set.read(3)).unsqueeze(0)
     with torch.no_grad():
         direct = plan.target.model.features[0](image).mean(dim=(2, 3))[0]

@@ -47,7 +47,7 @@ def test_run_stores_top_images_in_activation_order(tiny_config, tiny_registry):
 
 def test_run_top_images_match_activations(tiny_config, tiny_registry):
     outcome = run_tiny(tiny_config, tiny_registry)
-    stored = np.load(outcome.work_dir / "features.2.npy")
+    stored = np.load(outcome.activation_files["features.2"])
     expected = np.argsort(-stored[:, 3], kind="stable")[:4]
     found = [index for (index,) in rows(
         outcome.database, "SELECT image_index FROM unit_top_images WHERE layer_id = 1 AND unit = 3 ORDER BY rank"
@@ -219,7 +219,7 @@ def test_shared_module_called_twice_is_rejected(tiny_config, tiny_registry):
     plan.target.model.forward = lambda x: original(shared(shared(x)))
     with pytest.raises(LayerError) as error:
         extract_activations(plan.target, resolve_layers(plan.target.model, ["shared"]), plan.probe_set,
-                            plan.runtime, "avg", plan.work_dir)
+                            plan.runtime, "avg", plan.cache.root / "test-extract")
     assert "more than once per forward pass" in str(error.value)
 
 

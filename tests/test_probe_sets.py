@@ -1,4 +1,4 @@
-"""Tests of the probe set readers ``folder``, ``mini-mias`` and ``cbis-ddsm-dicom``."""
+"""Tests of the probe set readers ``folder``, ``mini-mias`` and ``cbis-ddsm-dicom``, and registration of all readers."""
 
 from __future__ import annotations
 
@@ -16,9 +16,16 @@ from mammo_dissect.core.errors import ProbeSetError
 from mammo_dissect.core.images import read_image
 from mammo_dissect.core.types import ProbeSet
 from mammo_dissect.core.types import ProbeSetReader
+from mammo_dissect.plugins.probe_sets import cbis_ddsm_csv
 from mammo_dissect.plugins.probe_sets import cbis_ddsm_dicom
+from mammo_dissect.plugins.probe_sets import ddsm_seg66
+from mammo_dissect.plugins.probe_sets import dicom
+from mammo_dissect.plugins.probe_sets import embed
 from mammo_dissect.plugins.probe_sets import folder
+from mammo_dissect.plugins.probe_sets import manifest
 from mammo_dissect.plugins.probe_sets import mini_mias
+from mammo_dissect.plugins.probe_sets import rsna_screening
+from mammo_dissect.plugins.probe_sets import vindr_mammo
 from mammo_dissect.plugins.probe_sets.cbis_ddsm_dicom import CbisDdsmDicomReader
 from mammo_dissect.plugins.probe_sets.cbis_ddsm_dicom import default_root
 from mammo_dissect.plugins.probe_sets.cbis_ddsm_dicom import parse_patient_id
@@ -60,7 +67,18 @@ def package_dicoms() -> list[Path]:
 
 @pytest.mark.parametrize(
     ("module", "name"),
-    [(folder, "folder"), (mini_mias, "mini-mias"), (cbis_ddsm_dicom, "cbis-ddsm-dicom")],
+    [
+        (folder, "folder"),
+        (mini_mias, "mini-mias"),
+        (cbis_ddsm_dicom, "cbis-ddsm-dicom"),
+        (dicom, "dicom"),
+        (manifest, "csv"),
+        (vindr_mammo, "vindr-mammo"),
+        (rsna_screening, "rsna-screening"),
+        (cbis_ddsm_csv, "cbis-ddsm-csv"),
+        (embed, "embed"),
+        (ddsm_seg66, "ddsm-seg66"),
+    ],
 )
 def test_hook_registers_one_reader(module: ModuleType, name: str) -> None:
     registered: list[object] = []

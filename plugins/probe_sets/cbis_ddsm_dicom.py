@@ -57,6 +57,7 @@ from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.images import DICOM_SUFFIXES
 from mammo_dissect.core.images import dicom_metadata
 from mammo_dissect.core.images import read_image
+from mammo_dissect.core.preprocessing import apply_preprocessing
 from mammo_dissect.core.types import Options
 from mammo_dissect.core.types import ProbeImage
 from mammo_dissect.core.types import ProbeSet
@@ -334,6 +335,9 @@ class CbisDdsmDicomOptions(Options):
     undescribed: Literal["error", "skip", "keep"] = "error"
     #: Read only the first ``limit`` images (in path order).
     limit: int | None = Field(default=None, ge=1)
+    #: Preprocessing steps applied after decoding, each ``{step = name, ...}``
+    #: (see :mod:`mammo_dissect.core.preprocessing`).
+    preprocessing: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class CbisDdsmDicomReader(ProbeSetReader):
@@ -387,7 +391,7 @@ class CbisDdsmDicomReader(ProbeSetReader):
         for image in images:
             vocabulary.update(image.annotations)
         logger.info("CBIS-DDSM probe set: %d image(s) under %s", len(images), root)
-        return ProbeSet(
+        probe_set = ProbeSet(
             reader=self.name,
             root=root,
             images=images,
@@ -395,6 +399,7 @@ class CbisDdsmDicomReader(ProbeSetReader):
             decoding=dict(DECODING),
             decoder=read_image,
         )
+        return apply_preprocessing(probe_set, options.preprocessing)
 
     def _image(
         self,

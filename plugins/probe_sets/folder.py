@@ -57,6 +57,9 @@ class FolderOptions(Options):
     extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     #: Read only the first ``limit`` images (in path order).
     limit: int | None = Field(default=None, ge=1)
+    #: Preprocessing steps applied after decoding, each ``{step = name, ...}``
+    #: (see :mod:`mammo_dissect.core.preprocessing`).
+    preprocessing: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("extensions")
     @classmethod
@@ -160,7 +163,11 @@ class FolderReader(ProbeSetReader):
             for image_id, path in ids_and_paths
         ]
         logger.info("folder probe set: %d image(s) under %s", len(images), root)
-        return ProbeSet(reader=self.name, root=root, images=images, decoding=dict(DECODING), decoder=read_image)
+        probe_set = ProbeSet(reader=self.name, root=root, images=images, decoding=dict(DECODING), decoder=read_image)
+        # Imported here because core.preprocessing is not needed by readers that declare no steps.
+        from mammo_dissect.core.preprocessing import apply_preprocessing
+
+        return apply_preprocessing(probe_set, options.preprocessing)
 
     def _metadata(self, path: Path, root: Path) -> dict[str, Any]:
         metadata: dict[str, Any] = {"relative_path": path.relative_to(root).as_posix()}

@@ -48,6 +48,7 @@ from mammo_dissect.core.errors import ProbeSetError
 from mammo_dissect.core.hookspecs import Register
 from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.images import read_image
+from mammo_dissect.core.preprocessing import apply_preprocessing
 from mammo_dissect.core.types import Options
 from mammo_dissect.core.types import ProbeImage
 from mammo_dissect.core.types import ProbeSet
@@ -109,6 +110,9 @@ class MiniMiasOptions(Options):
     root: Path
     #: Read only the first ``limit`` images (in refnum order).
     limit: int | None = Field(default=None, ge=1)
+    #: Preprocessing steps applied after decoding, each ``{step = name, ...}``
+    #: (see :mod:`mammo_dissect.core.preprocessing`).
+    preprocessing: list[dict[str, Any]] = Field(default_factory=list)
 
 
 def patient_and_laterality(refnum: str) -> tuple[str, str]:
@@ -252,7 +256,7 @@ class MiniMiasReader(ProbeSetReader):
                 f"copy them into {root} or remove their rows:\n  {listed}"
             )
         logger.info("mini-MIAS probe set: %d image(s) from %d label row(s) in %s", len(images), len(rows), root)
-        return ProbeSet(
+        probe_set = ProbeSet(
             reader=self.name,
             root=root,
             images=images,
@@ -260,6 +264,7 @@ class MiniMiasReader(ProbeSetReader):
             decoding=dict(DECODING),
             decoder=read_image,
         )
+        return apply_preprocessing(probe_set, options.preprocessing)
 
     def _image(self, refnum: str, image_rows: list[dict[str, str]], root: Path) -> ProbeImage:
         patient_id, laterality = patient_and_laterality(refnum)

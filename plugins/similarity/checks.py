@@ -51,11 +51,16 @@ def check_matrix_shapes(P: torch.Tensor, A: torch.Tensor) -> None:
 def check_shapes(P: torch.Tensor, A: torch.Tensor, top_k: int) -> None:
     """Validate the matrix shapes and ``top_k`` before any compute."""
     check_matrix_shapes(P, A)
+    check_top_k(A.shape[0], top_k)
+
+
+def check_top_k(n_images: int, top_k: int) -> None:
+    """Raise :class:`SimilarityError` unless 1 <= ``top_k`` <= ``n_images``."""
     if top_k < 1:
         raise SimilarityError(f"top_k must be at least 1, got {top_k}")
-    if A.shape[0] < top_k:
+    if n_images < top_k:
         raise SimilarityError(
-            f"top_k={top_k} is larger than the number of probe images ({A.shape[0]}); "
+            f"top_k={top_k} is larger than the number of probe images ({n_images}); "
             f"lower similarity.params.top_k or add probe images"
         )
 

@@ -9,7 +9,8 @@ P[:, m] over the N probe images:
   then S = A'.T @ P'.  Cubing stresses each column's extreme images.
 
 Each unit's row depends only on its own column, so a layer may be scored in
-any split of units.
+any split of units.  The streaming forms (from image and text embeddings)
+accumulate the same dot products and column norms over chunks of images.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.types import SimilarityFunction
+from mammo_dissect.plugins.similarity import streaming
 from mammo_dissect.plugins.similarity.checks import check_finite
 from mammo_dissect.plugins.similarity.checks import check_matrix_shapes
 
@@ -87,12 +89,46 @@ def cos_similarity_cubed(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return centred_cubed_columns(A).T @ centred_cubed_columns(P)
 
 
+def stream_cos_similarity(
+    image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, A: torch.Tensor, budget_bytes: int
+) -> torch.Tensor:
+    """Compute :func:`cos_similarity` from embeddings, summing over image chunks (one pass)."""
+    import torch
+
+    source = streaming.prepare_source(image_embeddings, text_embeddings, A, budget_bytes)
+    scores = torch.empty(A.shape[1], source.n_concepts, device=source.device, dtype=torch.float32)
+    for sums in streaming.column_products(source, A, budget_bytes, transform="none"):
+        unit_norms = sums.unit_squares.sqrt()
+        concept_norms = sums.concept_squares.sqrt()
+        # A zero column has a zero cross sum, so dividing it by 1 scores it 0.
+        unit_norms = torch.where(unit_norms > 0, unit_norms, torch.ones_like(unit_norms))
+        concept_norms = torch.where(concept_norms > 0, concept_norms, torch.ones_like(concept_norms))
+        scores[sums.units] = (sums.cross / unit_norms.unsqueeze(1) / concept_norms.unsqueeze(0)).float()
+    return scores
+
+
+def stream_cos_similarity_cubed(
+    image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, A: torch.Tensor, budget_bytes: int
+) -> torch.Tensor:
+    """Compute :func:`cos_similarity_cubed` from embeddings: a pass for the means, then one for the sums."""
+    import torch
+
+    source = streaming.prepare_source(image_embeddings, text_embeddings, A, budget_bytes)
+    scores = torch.empty(A.shape[1], source.n_concepts, device=source.device, dtype=torch.float32)
+    for sums in streaming.column_products(source, A, budget_bytes, transform="centre_cube"):
+        unit_norms = sums.unit_squares.sqrt().clamp(min=CUBED_NORM_FLOOR)
+        concept_norms = sums.concept_squares.sqrt().clamp(min=CUBED_NORM_FLOOR)
+        scores[sums.units] = (sums.cross / unit_norms.unsqueeze(1) / concept_norms.unsqueeze(0)).float()
+    return scores
+
+
 @hookimpl
 def register_similarity_functions(register: Any) -> None:
     register(
         SimilarityFunction(
             name="cos_similarity",
             fn=cos_similarity,
+            stream_fn=stream_cos_similarity,
             description="cosine of each unit's activations with each concept's column of P",
             value_range="[-1, 1]; 0 for an all-zero activation or concept column",
         )
@@ -101,6 +137,7 @@ def register_similarity_functions(register: Any) -> None:
         SimilarityFunction(
             name="cos_similarity_cubed",
             fn=cos_similarity_cubed,
+            stream_fn=stream_cos_similarity_cubed,
             description="cosine of the centred, cubed columns of A and P (CLIP-Dissect)",
             value_range="[-1, 1]; 0 for a constant activation or concept column",
         )

@@ -24,11 +24,13 @@ synthetic units for any registered similarity function.
 
 Every unit's row depends only on its own column of A.  Units are scored in
 chunks (see ``checks.unit_chunks``) so that temporaries stay bounded, and
-the result does not depend on the chunking.
+the result does not depend on the chunking.  The streaming forms (from image
+and text embeddings) compute blocks of P, binarised where needed, on the fly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -36,12 +38,16 @@ from mammo_dissect.core.errors import SimilarityError
 from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.types import SimilarityFunction
 from mammo_dissect.plugins.similarity import checks
+from mammo_dissect.plugins.similarity import streaming
 from mammo_dissect.plugins.similarity.cosine import normalise_columns
 
 
 if TYPE_CHECKING:
     import torch
 
+
+#: Largest input torch.quantile accepts (torch 2.x raises above 2^24 elements).
+QUANTILE_MAX_ELEMENTS = 1 << 24
 
 def _prepare(P: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
@@ -175,12 +181,15 @@ def iou(P: torch.Tensor, A: torch.Tensor, *, quantile: float = 0.995, threshold:
     constant unit is active nowhere.  Values lie in [0, 1]; an empty union
     scores 0.
     """
-    import torch
-
     _check_quantile(quantile)
     _check_threshold(threshold)
     P, A = _prepare(P, A)
-    overlap, active_count, present = _overlap_counts(P, A, quantile, threshold)
+    return _iou_from_counts(*_overlap_counts(P, A, quantile, threshold))
+
+
+def _iou_from_counts(overlap: torch.Tensor, active_count: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    import torch
+
     union = active_count + present - overlap
     return torch.where(union > 0, overlap / union.clamp(min=1.0), torch.zeros_like(overlap))
 
@@ -191,14 +200,182 @@ def f1(P: torch.Tensor, A: torch.Tensor, *, quantile: float = 0.995, threshold: 
     Active images are defined as in :func:`iou`.  Values lie in [0, 1]; a
     unit active nowhere, paired with a concept present nowhere, scores 0.
     """
+    _check_quantile(quantile)
+    _check_threshold(threshold)
+    P, A = _prepare(P, A)
+    return _f1_from_counts(*_overlap_counts(P, A, quantile, threshold))
+
+
+def _f1_from_counts(overlap: torch.Tensor, active_count: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    total = active_count + present
+    return torch.where(total > 0, 2.0 * overlap / total.clamp(min=1.0), torch.zeros_like(overlap))
+
+
+# ---------------------------------------------------------------- streaming forms
+
+
+def stream_correlation(
+    image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, A: torch.Tensor, budget_bytes: int
+) -> torch.Tensor:
+    """Compute :func:`correlation` from embeddings: a pass for the column means, then one for the sums."""
+    import torch
+
+    source = streaming.prepare_source(image_embeddings, text_embeddings, A, budget_bytes)
+    scores = torch.empty(A.shape[1], source.n_concepts, device=source.device, dtype=torch.float32)
+    for sums in streaming.column_products(source, A, budget_bytes, transform="centre"):
+        unit_norms = sums.unit_squares.sqrt()
+        concept_norms = sums.concept_squares.sqrt()
+        unit_zero = sums.unit_constant | (unit_norms == 0)
+        concept_zero = sums.concept_constant | (concept_norms == 0)
+        unit_norms = torch.where(unit_zero, torch.ones_like(unit_norms), unit_norms)
+        concept_norms = torch.where(concept_zero, torch.ones_like(concept_norms), concept_norms)
+        block = sums.cross / unit_norms.unsqueeze(1) / concept_norms.unsqueeze(0)
+        zero = unit_zero.unsqueeze(1) | concept_zero.unsqueeze(0)
+        scores[sums.units] = torch.where(zero, torch.zeros_like(block), block).float()
+    return scores
+
+
+def _stream_labels(
+    source: streaming.EmbeddingSource, concepts: slice, threshold: float, budget_bytes: int
+) -> torch.Tensor:
+    """Return the labels P[:, concepts] >= threshold [N x concepts] as float32, computed a block of images at a time."""
+    import torch
+
+    width = concepts.stop - concepts.start
+    labels = torch.empty(source.n_images, width, device=source.device, dtype=torch.float32)
+    row_bytes = source.image_row_bytes + 2 * streaming.FLOAT_BYTES * width
+    rows_per_chunk = streaming.chunk_length(budget_bytes, row_bytes, source.n_images)
+    for images in streaming.chunks(source.n_images, rows_per_chunk):
+        labels[images] = concept_labels(source.rows(images, concepts), threshold)
+    return labels
+
+
+def stream_auprc(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    A: torch.Tensor,
+    budget_bytes: int,
+    *,
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """Compute :func:`auprc` from embeddings, binarising P a block of concepts at a time.
+
+    NOTE: the work is O(N x K x M) as in the full-P path; a small budget
+    adds passes over the image embeddings, one per block of concepts.
+    """
+    import torch
+
+    _check_threshold(threshold)
+    source = streaming.prepare_source(image_embeddings, text_embeddings, A, budget_bytes)
+    n_images, n_units = A.shape
+    n_concepts = source.n_concepts
+    budget = max(1, budget_bytes - source.fixed_bytes)
+
+    # Per (image, unit, concept) the ranking keeps about 10 float32-sized temporaries
+    # (ranked labels, cumsum, gathered precision and an int64 index); per (image, unit)
+    # the sort and the run bounds about 12.
+    element_bytes = 10 * streaming.FLOAT_BYTES
+    unit_image_bytes = 12 * streaming.FLOAT_BYTES
+    concepts_per_chunk = streaming.chunk_length(
+        budget, n_images * (element_bytes + streaming.FLOAT_BYTES) + n_images * unit_image_bytes, n_concepts
+    )
+    scores = torch.empty(n_units, n_concepts, device=source.device, dtype=torch.float32)
+    for concepts in streaming.chunks(n_concepts, concepts_per_chunk):
+        width = concepts.stop - concepts.start
+        labels = _stream_labels(source, concepts, threshold, budget)
+        remaining = max(1, budget - streaming.FLOAT_BYTES * n_images * width)
+        units_per_chunk = streaming.chunk_length(remaining, n_images * (element_bytes * width + unit_image_bytes), n_units)
+        for units in streaming.chunks(n_units, units_per_chunk):
+            activations = A[:, units].to(device=source.device, dtype=torch.float32)
+            scores[units, concepts] = _average_precision_chunk(labels, activations)
+        del labels
+    return scores
+
+
+def _stream_overlap_counts(
+    source: streaming.EmbeddingSource, A: torch.Tensor, quantile: float, threshold: float, budget_bytes: int
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (units, overlap, active count, present count) per chunk of units, as :func:`_overlap_counts`."""
+    import torch
+
+    n_images, n_units = A.shape
+    n_concepts = source.n_concepts
+    # Per unit: its column for torch.quantile (a copy and a sorted copy) and the overlap sums.
+    unit_bytes = 3 * streaming.FLOAT_BYTES * n_images + 2 * streaming.FLOAT_BYTES * n_concepts
+    units_per_chunk = streaming.chunk_length(budget_bytes // 2, unit_bytes, n_units)
+    # torch.quantile accepts at most 2^24 elements.
+    units_per_chunk = max(1, min(units_per_chunk, QUANTILE_MAX_ELEMENTS // max(1, n_images)))
+    for units in streaming.chunks(n_units, units_per_chunk):
+        width = units.stop - units.start
+        activations = A[:, units].to(device=source.device, dtype=torch.float32)
+        cutoff = torch.quantile(activations, quantile, dim=0, keepdim=True)
+        del activations
+        row_bytes = source.image_row_bytes + streaming.FLOAT_BYTES * (3 * n_concepts + 3 * width)
+        rows_per_chunk = streaming.chunk_length(budget_bytes // 2, row_bytes, n_images)
+        overlap = torch.zeros(width, n_concepts, device=source.device, dtype=torch.float32)
+        active_count = torch.zeros(width, 1, device=source.device, dtype=torch.float32)
+        present = torch.zeros(1, n_concepts, device=source.device, dtype=torch.float32)
+        for images in streaming.chunks(n_images, rows_per_chunk):
+            labels = concept_labels(source.rows(images), threshold)
+            active = (A[images, units].to(device=source.device, dtype=torch.float32) > cutoff).to(torch.float32)
+            # Counts are integers below 2^24, so float32 sums are exact and equal the full-P path's.
+            overlap += active.T @ labels
+            active_count += active.sum(dim=0).unsqueeze(1)
+            present += labels.sum(dim=0, keepdim=True)
+        yield units, overlap, active_count, present
+
+
+def _stream_counts_score(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    A: torch.Tensor,
+    budget_bytes: int,
+    quantile: float,
+    threshold: float,
+    score_from_counts: Any,
+) -> torch.Tensor:
     import torch
 
     _check_quantile(quantile)
     _check_threshold(threshold)
-    P, A = _prepare(P, A)
-    overlap, active_count, present = _overlap_counts(P, A, quantile, threshold)
-    total = active_count + present
-    return torch.where(total > 0, 2.0 * overlap / total.clamp(min=1.0), torch.zeros_like(overlap))
+    source = streaming.prepare_source(image_embeddings, text_embeddings, A, budget_bytes)
+    budget = max(1, budget_bytes - source.fixed_bytes)
+    scores = torch.empty(A.shape[1], source.n_concepts, device=source.device, dtype=torch.float32)
+    for units, overlap, active_count, present in _stream_overlap_counts(source, A, quantile, threshold, budget):
+        scores[units] = score_from_counts(overlap, active_count, present)
+    return scores
+
+
+def stream_iou(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    A: torch.Tensor,
+    budget_bytes: int,
+    *,
+    quantile: float = 0.995,
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """Compute :func:`iou` from embeddings, counting overlaps over blocks of images."""
+    return _stream_counts_score(
+        image_embeddings, text_embeddings, A, budget_bytes, quantile, threshold, _iou_from_counts
+    )
+
+
+def stream_f1(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    A: torch.Tensor,
+    budget_bytes: int,
+    *,
+    quantile: float = 0.995,
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """Compute :func:`f1` from embeddings, counting overlaps over blocks of images."""
+    return _stream_counts_score(
+        image_embeddings, text_embeddings, A, budget_bytes, quantile, threshold, _f1_from_counts
+    )
 
 
 @hookimpl
@@ -207,6 +384,7 @@ def register_similarity_functions(register: Any) -> None:
         SimilarityFunction(
             name="correlation",
             fn=correlation,
+            stream_fn=stream_correlation,
             description="Pearson correlation of each unit's activations with each concept's column of P",
             value_range="[-1, 1]; 0 for a constant activation or concept column",
         )
@@ -215,6 +393,7 @@ def register_similarity_functions(register: Any) -> None:
         SimilarityFunction(
             name="auprc",
             fn=auprc,
+            stream_fn=stream_auprc,
             description="average precision of a unit's activations for images with P >= threshold",
             value_range="[0, 1]; an unrelated unit scores about the concept's prevalence",
         )
@@ -223,6 +402,7 @@ def register_similarity_functions(register: Any) -> None:
         SimilarityFunction(
             name="iou",
             fn=iou,
+            stream_fn=stream_iou,
             description="IoU of a unit's top-quantile images with the images where P >= threshold",
             value_range="[0, 1]",
         )
@@ -231,6 +411,7 @@ def register_similarity_functions(register: Any) -> None:
         SimilarityFunction(
             name="f1",
             fn=f1,
+            stream_fn=stream_f1,
             description="F1 of a unit's top-quantile images as a detector of the images where P >= threshold",
             value_range="[0, 1]",
         )

@@ -28,7 +28,9 @@ Choices this module makes where the formula is undefined:
   rank last and every stored score stays finite.
 
 Each unit's row depends only on its own column of A, so units are scored in
-chunks (see ``checks.unit_chunks``) without changing the result.
+chunks (see ``checks.unit_chunks``) without changing the result.  The
+streaming form (from image and text embeddings) computes P only on each
+unit's top images, a block of concepts at a time.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from mammo_dissect.core.errors import SimilarityError
 from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.types import SimilarityFunction
 from mammo_dissect.plugins.similarity import checks
+from mammo_dissect.plugins.similarity import streaming
 
 
 if TYPE_CHECKING:
@@ -124,18 +127,36 @@ def reorganised_activations(concept_values: torch.Tensor, ascending: torch.Tenso
     return torch.empty_like(run_mean).scatter_(0, order, run_mean)
 
 
-def _score_chunk(P: torch.Tensor, A: torch.Tensor, n_top: int, p: float, scale_p: float) -> torch.Tensor:
+def _top_activations(A: torch.Tensor, n_top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return t [n x units] (each unit's top activations, descending) and their image indices."""
     import torch
 
     # Stable sort so that tied activations keep image order on every device.
     sorted_activations, top_images = torch.sort(A, dim=0, descending=True, stable=True)
-    top = sorted_activations[:n_top]  # t [n x units], descending
-    concept_values = P[top_images[:n_top]]  # C [n x units x M]
-    ascending = top.flip(0)  # s
+    return sorted_activations[:n_top], top_images[:n_top]
+
+
+def _pairwise_baseline(ascending: torch.Tensor, p: float) -> torch.Tensor:
+    """Return the mean over all pairs (i, j) of |s_i - s_j|^p for each unit [units]."""
+    return (ascending.unsqueeze(0) - ascending.unsqueeze(1)).abs().pow(p).mean(dim=(0, 1))
+
+
+def _concept_scores(
+    concept_values: torch.Tensor,
+    top: torch.Tensor,
+    ascending: torch.Tensor,
+    baseline: torch.Tensor,
+    p: float,
+    scale_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the scores [units x M] and whether each concept's mean over the top images is positive.
+
+    Scores where the mean is not positive are placeholders; :func:`_apply_row_floor` replaces them.
+    """
+    import torch
 
     reorg = reorganised_activations(concept_values, ascending)
     error = (top.unsqueeze(2) - reorg).abs().pow(p).mean(dim=0)  # [units x M]
-    baseline = (ascending.unsqueeze(0) - ascending.unsqueeze(1)).abs().pow(p).mean(dim=(0, 1))  # [units]
 
     constant_top = baseline <= 0
     relative_error = error / torch.where(constant_top, torch.ones_like(baseline), baseline).unsqueeze(1)
@@ -145,11 +166,26 @@ def _score_chunk(P: torch.Tensor, A: torch.Tensor, n_top: int, p: float, scale_p
     positive = average > 0
     safe_average = torch.where(positive, average, torch.ones_like(average))
     scores = -relative_error / safe_average.pow(scale_p)
+    return scores, positive
+
+
+def _apply_row_floor(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Replace scores of concepts without a positive mean by one below the row's lowest valid score (or -1)."""
+    import torch
 
     valid_scores = torch.where(positive, scores, torch.full_like(scores, math.inf))
     row_floor = valid_scores.min(dim=1, keepdim=True).values
     row_floor = torch.where(torch.isfinite(row_floor), row_floor, torch.zeros_like(row_floor))
     return torch.where(positive, scores, row_floor - 1.0)
+
+
+def _score_chunk(P: torch.Tensor, A: torch.Tensor, n_top: int, p: float, scale_p: float) -> torch.Tensor:
+    top, top_images = _top_activations(A, n_top)  # t [n x units], descending
+    concept_values = P[top_images]  # C [n x units x M]
+    ascending = top.flip(0)  # s
+    baseline = _pairwise_baseline(ascending, p)
+    scores, positive = _concept_scores(concept_values, top, ascending, baseline, p, scale_p)
+    return _apply_row_floor(scores, positive)
 
 
 def rank_reorder(
@@ -178,12 +214,83 @@ def rank_reorder(
     return scores
 
 
+#: Estimated peak bytes per (top image, unit, concept) element of :func:`_concept_scores`
+#: (the sort, run bounds in int64, the float64 prefix gather and the error terms).
+SCORE_ELEMENT_BYTES = 96
+
+
+def _chunked_pairwise_baseline(ascending: torch.Tensor, p: float, budget_bytes: int) -> torch.Tensor:
+    """Return :func:`_pairwise_baseline`, summing blocks of rows when the n x n x units tensor exceeds the budget."""
+    import torch
+
+    n_top, n_units = ascending.shape
+    element_bytes = 3 * streaming.FLOAT_BYTES
+    if element_bytes * n_top * n_top * n_units <= budget_bytes:
+        return _pairwise_baseline(ascending, p)
+    rows_per_chunk = streaming.chunk_length(budget_bytes, element_bytes * n_top * n_units, n_top)
+    total = torch.zeros(n_units, dtype=torch.float64, device=ascending.device)
+    for rows in streaming.chunks(n_top, rows_per_chunk):
+        differences = ascending[rows].unsqueeze(1) - ascending.unsqueeze(0)
+        total += differences.abs().pow(p).sum(dim=(0, 1)).double()
+    return (total / (n_top * n_top)).to(ascending.dtype)
+
+
+def stream_rank_reorder(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    A: torch.Tensor,
+    budget_bytes: int,
+    *,
+    p: float = 3.0,
+    top_fraction: float = 0.05,
+    scale_p: float = 0.5,
+) -> torch.Tensor:
+    """Compute :func:`rank_reorder` from embeddings, computing P only on each unit's top images.
+
+    Units are taken a chunk at a time; for each chunk, the rows of P on its
+    top images are computed a block of concepts at a time.
+    NOTE: the baseline costs O(n^2) per unit (n = top_fraction * N), which
+    dominates the time for large probe sets (n = 50,000 at N = 1,000,000).
+    """
+    import torch
+
+    source = streaming.prepare_source(image_embeddings, text_embeddings, A, budget_bytes)
+    n_images, n_units = A.shape
+    n_concepts = source.n_concepts
+    n_top = _check_params(n_images, p, top_fraction, scale_p)
+    budget = max(1, budget_bytes - source.fixed_bytes)
+
+    # Half the budget for a unit chunk's sort and top-image embeddings, half for one concept block.
+    unit_bytes = 4 * streaming.FLOAT_BYTES * n_images + n_top * source.image_row_bytes
+    units_per_chunk = streaming.chunk_length(budget // 2, unit_bytes, n_units)
+    scores = torch.empty(n_units, n_concepts, device=source.device, dtype=torch.float32)
+    for units in streaming.chunks(n_units, units_per_chunk):
+        width = units.stop - units.start
+        activations = A[:, units].to(device=source.device, dtype=torch.float32)
+        top, top_images = _top_activations(activations, n_top)  # [n x units]
+        del activations
+        ascending = top.flip(0)
+        baseline = _chunked_pairwise_baseline(ascending, p, budget // 2)
+        unit_images = source.unit_images(top_images.reshape(-1))  # row j * width + k is (rank j, unit k)
+
+        positive = torch.empty(width, n_concepts, dtype=torch.bool, device=source.device)
+        concepts_per_chunk = streaming.chunk_length(budget // 2, SCORE_ELEMENT_BYTES * n_top * width, n_concepts)
+        for concepts in streaming.chunks(n_concepts, concepts_per_chunk):
+            concept_values = source.rows_from_unit_images(unit_images, concepts).view(n_top, width, -1)
+            block_scores, block_positive = _concept_scores(concept_values, top, ascending, baseline, p, scale_p)
+            scores[units, concepts] = block_scores
+            positive[:, concepts] = block_positive
+        scores[units] = _apply_row_floor(scores[units], positive)
+    return scores
+
+
 @hookimpl
 def register_similarity_functions(register: Any) -> None:
     register(
         SimilarityFunction(
             name="rank_reorder",
             fn=rank_reorder,
+            stream_fn=stream_rank_reorder,
             description="how well each concept's order of a unit's top images reproduces their activations",
             value_range=VALUE_RANGE,
             min_images=minimum_images,

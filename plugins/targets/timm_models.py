@@ -104,7 +104,29 @@ class TimmLoader(TargetLoader):
             spec=options.model + (" (random init)" if options.random_init else ""),
             weights_path=str(weights_path) if weights_path else None,
             weights_sha256=sha,
+            token_layout=token_layout(model),
         )
+
+
+def token_layout(model: Any) -> dict[str, dict[str, Any]]:
+    """Declare where the CLS token is in the 3-D outputs of a timm vision transformer.
+
+    timm models with tokens expose ``num_prefix_tokens``: the class token
+    (when ``cls_token`` is set) at index 0, then register or distillation
+    tokens, then the patch tokens.  A model without a class token gets
+    ``cls_index`` None, which tells pooling to average the patch tokens.
+    Models without ``num_prefix_tokens`` (CNNs) declare nothing.
+    """
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if prefix is None:
+        return {}
+    has_class_token = getattr(model, "cls_token", None) is not None
+    layout = {
+        "cls_index": 0 if has_class_token else None,
+        "num_prefix_tokens": int(prefix),
+        "token_first": False,
+    }
+    return {"*": layout}
 
 
 @hookimpl
