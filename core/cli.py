@@ -76,8 +76,11 @@ def _run_config(config_path: Path | None, overrides: list[str], data: dict[str, 
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Also render the HTML report into this folder.")
 @click.option("--recompute", is_flag=True, help="Ignore cached activations and embeddings and compute them again.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Seconds to wait for a database locked by another run before failing.")
 def run(config: Path, overrides: tuple[str, ...], database: Path | None, device: str | None,
-        batch_size: int | None, limit: int | None, report_dir: Path | None, recompute: bool) -> None:
+        batch_size: int | None, limit: int | None, report_dir: Path | None, recompute: bool,
+        wait_seconds: float) -> None:
     """Run the dissection described by the TOML file CONFIG."""
     from mammo_dissect.core.pipeline import run as run_pipeline
 
@@ -90,7 +93,9 @@ def run(config: Path, overrides: tuple[str, ...], database: Path | None, device:
         extra.append(f"batch_size={batch_size}")
     if limit is not None:
         extra.append(f"probe_set.limit={limit}")
-    outcome = run_pipeline(_run_config(config, extra), progress=_State.progress, recompute=recompute)
+    outcome = run_pipeline(
+        _run_config(config, extra), progress=_State.progress, recompute=recompute, wait_seconds=wait_seconds
+    )
     _print_outcome(outcome)
     if report_dir is not None:
         _render(outcome.database, outcome.run_id, report_dir)

@@ -522,6 +522,7 @@ def run(
     registry: Registry | None = None,
     progress: bool = True,
     recompute: bool = False,
+    wait_seconds: float = 0.0,
 ) -> RunOutcome:
     """Validate, run and store one dissection.
 
@@ -538,7 +539,7 @@ def run(
     from mammo_dissect.core.store import Store
 
     plan = prepare(config, registry, progress=progress, recompute=recompute)
-    with Store(Path(config.database)) as store:
+    with Store(Path(config.database), wait_seconds=wait_seconds) as store:
         store.mark_abandoned_runs()
         stored_config = resolved_config(plan)
         store.begin_run(

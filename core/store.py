@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from collections.abc import Sequence
 from datetime import datetime
@@ -246,10 +247,10 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
 
 #: Views and table macros of the study's analyses, created by
 #: :func:`m002_analyses`.  ``docs/analyses.md`` documents each with an example.
-#: Conventions: a unit's top concept is its rank-0 label; ``is_mammography`` is
-#: true when the concept's broad category is set and is not
-#: ``non-mammography``, false for ``non-mammography`` and NULL (unknown) when
-#: the concept has no broad category.  Layers of different runs are matched by
+#: A unit's top concept is its rank-0 label.  ``is_mammography`` is true when
+#: the concept's broad category is set and is not ``non-mammography``.  It is
+#: false for ``non-mammography``, and NULL (unknown) when the concept has no
+#: broad category.  Layers of different runs are matched by
 #: name.  The macros take ``run_list`` (a list of run ids),
 #: ``threshold_mode`` ('local', 'global' or 'none') and ``null_alpha`` (NULL
 #: for no null-baseline filter).
@@ -926,11 +927,13 @@ class Store:
         process, or not a mammo-dissect database.
     """
 
-    def __init__(self, path: str | Path, read_only: bool = False, sandbox: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, read_only: bool = False, sandbox: bool = False, wait_seconds: float = 0.0
+    ) -> None:
         self.path = Path(path)
         self.read_only = read_only
         self.sandbox = sandbox
-        self._con = self._connect()
+        self._con = self._connect_waiting(wait_seconds)
         try:
             if read_only:
                 self._check_schema_for_reading()
@@ -939,6 +942,24 @@ class Store:
         except BaseException:
             self._con.close()
             raise
+
+    def _connect_waiting(self, wait_seconds: float) -> duckdb.DuckDBPyConnection:
+        """Connect, retrying for up to ``wait_seconds`` while another process holds the lock."""
+        deadline = time.monotonic() + max(0.0, wait_seconds)
+        announced = False
+        while True:
+            try:
+                return self._connect()
+            except StoreError as exc:
+                locked = isinstance(exc.__cause__, duckdb.IOException) and "lock" in str(exc.__cause__).lower()
+                if not locked or time.monotonic() >= deadline:
+                    if locked and wait_seconds > 0:
+                        raise StoreError(f"timed out after waiting {wait_seconds:g} s: {exc}") from exc.__cause__
+                    raise
+                if not announced:
+                    logger.info("%s is locked by another process; waiting up to %g s", self.path, wait_seconds)
+                    announced = True
+                time.sleep(0.5)
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         path = str(self.path)

@@ -343,3 +343,65 @@ def test_sigterm_marks_run_interrupted(tiny_config, tmp_path):
         assert con.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
         assert con.execute("SELECT count(*) FROM unit_labels").fetchone()[0] == 0
     assert not any((Path(tiny_config["cache_dir"]) / "runs").glob("*/*.npy")), "activation files left behind"
+
+
+def test_cache_ls_and_rm(completed_run, tiny_config, capsys):
+    cache_dir = tiny_config["cache_dir"]
+    code, out, _ = run_main(["cache", "ls", "--cache-dir", cache_dir], capsys)
+    assert code == 0
+    assert out.count(" ok ") == 3
+    code, out, _ = run_main(["cache", "rm", "--cache-dir", cache_dir, "--kind", "activations"], capsys)
+    assert out.strip() == "removed 3 cache entries (0.0 MB)"
+
+
+def test_cache_rm_needs_a_filter(tmp_path, capsys):
+    code, _, err = run_main(["cache", "rm", "--cache-dir", str(tmp_path)], capsys)
+    assert code == 1
+    assert "--all" in err
+
+
+def test_run_recompute_flag(completed_run, tiny_config, tmp_path, capsys):
+    config_path = write_toml(tmp_path / "again.toml", dict(tiny_config, database=str(tmp_path / "again.duckdb")))
+    code, _, err = run_main(["run", str(config_path), "--recompute"], capsys)
+    assert code == 0
+    assert "(--recompute)" in err
+
+
+def hold_lock(database: Path, seconds: float) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import time, duckdb
+            con = duckdb.connect({str(database)!r})
+            print("locked", flush=True)
+            time.sleep({seconds})
+            con.close()
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_wait_for_locked_database(tiny_config, tiny_registry, tmp_path, capsys):
+    holder = hold_lock(Path(tiny_config["database"]), 2)
+    try:
+        config_path = write_toml(tmp_path / "r.toml", tiny_config)
+        code, _, err = run_main(["run", str(config_path), "--wait", "30"], capsys)
+    finally:
+        holder.wait()
+        holder.stdout.close()
+    assert code == 0, err
+    assert "waiting up to 30 s" in err
+
+
+def test_wait_times_out(tiny_config, tiny_registry, tmp_path, capsys):
+    holder = hold_lock(Path(tiny_config["database"]), 20)
+    try:
+        config_path = write_toml(tmp_path / "r.toml", tiny_config)
+        code, _, err = run_main(["run", str(config_path), "--wait", "1"], capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert code == 1
+    assert "timed out after waiting 1 s" in err
