@@ -76,11 +76,12 @@ def _run_config(config_path: Path | None, overrides: list[str], data: dict[str, 
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Also render the HTML report into this folder.")
 @click.option("--recompute", is_flag=True, help="Ignore cached activations and embeddings and compute them again.")
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan (layers, units, sizes) without running it.")
 @click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=0, show_default=True,
               help="Seconds to wait for a database locked by another run before failing.")
 def run(config: Path, overrides: tuple[str, ...], database: Path | None, device: str | None,
         batch_size: int | None, limit: int | None, report_dir: Path | None, recompute: bool,
-        wait_seconds: float) -> None:
+        dry_run: bool, wait_seconds: float) -> None:
     """Run the dissection described by the TOML file CONFIG."""
     from mammo_dissect.core.pipeline import run as run_pipeline
 
@@ -93,12 +94,36 @@ def run(config: Path, overrides: tuple[str, ...], database: Path | None, device:
         extra.append(f"batch_size={batch_size}")
     if limit is not None:
         extra.append(f"probe_set.limit={limit}")
+    if dry_run:
+        _print_plan(_run_config(config, extra), recompute)
+        return
     outcome = run_pipeline(
         _run_config(config, extra), progress=_State.progress, recompute=recompute, wait_seconds=wait_seconds
     )
     _print_outcome(outcome)
     if report_dir is not None:
         _render(outcome.database, outcome.run_id, report_dir)
+
+
+def _print_plan(config: Any, recompute: bool) -> None:
+    from mammo_dissect.core.pipeline import plan_summary
+    from mammo_dissect.core.pipeline import prepare
+
+    summary = plan_summary(prepare(config, progress=False, recompute=recompute))
+    click.echo(
+        f"plan: {summary['target']} x {len(summary['layers'])} layer(s) x {summary['images']} images; "
+        f"dissector {summary['dissector']}, {summary['concepts']} concepts, similarity {summary['similarity']}"
+    )
+    rows = [
+        (layer["name"], "x".join(str(size) for size in layer["output_shape"]), layer["units"],
+         f"{layer['activations_bytes'] / 1e6:.1f}", "cached" if layer["cached"] else "to extract")
+        for layer in summary["layers"]
+    ]
+    click.echo(format_table(["layer", "output", "units", "activations MB", "cache"], rows))
+    click.echo(f"P (images x concepts): {summary['p_bytes'] / 1e6:.1f} MB in memory")
+    click.echo(f"label rows to store: {summary['label_rows']}; permutations per layer: {summary['permutations']}")
+    click.echo(f"database: {summary['database']}; cache: {summary['cache_dir']}")
+    click.echo("dry run: nothing was extracted or written")
 
 
 def _print_outcome(outcome: Any) -> None:

@@ -298,11 +298,13 @@ def _extract_from(
     n_images = len(probe_set)
     done = start_at
     loader = make_loader(probe_set, target.preprocess, runtime, batch_size=batch_size, start=start_at)
+    device_type = torch.device(runtime.device).type
     with torch.inference_mode():
         for indices, batch in loader:
             pooled.clear()
             batch = batch.to(runtime.device, non_blocking=True)
-            model(batch)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=runtime.precision == "bfloat16"):
+                model(batch)
             if repeated_calls:
                 raise LayerError(
                     f"layer(s) {', '.join(sorted(repeated_calls))} run more than once per forward pass "

@@ -164,6 +164,7 @@ def prepare(
         progress=progress,
         cache=cache,
         probe_fingerprint=fingerprint,
+        precision=config.precision,
     )
     return Plan(
         config=config,
@@ -319,6 +320,7 @@ def activation_key_parts(plan: Plan) -> dict[str, Any]:
         "preprocessing": preprocess.describe() if hasattr(preprocess, "describe") else repr(preprocess),
         "token_layout": plan.target.token_layout,
         "pooling": plan.config.target.pooling,
+        "precision": plan.config.precision,
         "probe_fingerprint": plan.probe_fingerprint,
         "probe_decoding": plan.probe_set.decoding,
     }
@@ -367,6 +369,59 @@ def cached_activations(plan: Plan) -> list[LayerActivations]:
             found[name] = LayerActivations(layer=activations.layer, path=path, output_shape=activations.output_shape)
         shutil.rmtree(partial, ignore_errors=True)
     return [found[layer.name] for layer in plan.layers]
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """Describe what a run would do, without extracting anything.
+
+    One forward pass on the first probe image gives each layer's output
+    shape and number of units; sizes are those of the float32 arrays the run
+    keeps (activations on disk and in memory per layer, P in memory).
+    """
+    import torch
+
+    shapes: dict[str, list[int]] = {}
+    handles = []
+    for layer in plan.layers:
+        def hook(module: Any, inputs: Any, output: Any, _name: str = layer.name) -> None:
+            first = output[0] if isinstance(output, (tuple, list)) else output
+            shapes.setdefault(_name, list(first.shape[1:]))
+
+        handles.append(layer.module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            plan.target.model(plan.target.preprocess(plan.probe_set.read(0)).unsqueeze(0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_images = len(plan.probe_set)
+    n_concepts = len(plan.concepts.concepts)
+    base = activation_key_parts(plan)
+    layers = []
+    for layer in plan.layers:
+        shape = shapes.get(layer.name, [])
+        units = shape[0] if len(shape) == 3 else (shape[-1] if shape else 0)
+        key = cache_key({**base, "layer": layer.name})
+        layers.append({
+            "name": layer.name,
+            "output_shape": shape,
+            "units": units,
+            "activations_bytes": n_images * units * 4,
+            "cached": plan.cache.entry_dir("activations", key).exists(),
+        })
+    return {
+        "target": plan.target.spec,
+        "dissector": plan.dissector.name,
+        "similarity": plan.similarity.name,
+        "images": n_images,
+        "concepts": n_concepts,
+        "layers": layers,
+        "p_bytes": n_images * n_concepts * 4,
+        "label_rows": sum(layer["units"] for layer in layers) * min(plan.config.top_n, n_concepts),
+        "permutations": plan.config.permutations,
+        "database": str(plan.config.database),
+        "cache_dir": str(plan.cache.root),
+    }
 
 
 def execute(plan: Plan) -> RunResults:

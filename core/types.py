@@ -221,6 +221,8 @@ class Runtime:
     cache: Any = None
     #: Fingerprint of the probe set (image ids and file hashes), part of cache keys.
     probe_fingerprint: str = ""
+    #: "float32", or "bfloat16" for mixed-precision forward passes (torch.autocast).
+    precision: str = "float32"
 
 
 class Dissector(Plugin):

@@ -405,3 +405,12 @@ def test_wait_times_out(tiny_config, tiny_registry, tmp_path, capsys):
         holder.stdout.close()
     assert code == 1
     assert "timed out after waiting 1 s" in err
+
+
+def test_dry_run_prints_plan(tiny_config, tiny_registry, tmp_path, capsys):
+    config_path = write_toml(tmp_path / "r.toml", tiny_config)
+    code, out, _ = run_main(["-q", "run", str(config_path), "--dry-run"], capsys)
+    assert code == 0
+    assert "features.2  6x16x16  6" in out
+    assert "dry run: nothing was extracted or written" in out
+    assert not Path(tiny_config["database"]).exists()

@@ -267,3 +267,13 @@ def test_folder_probe_with_annotation_dissector_rejected_early(tiny_config, tiny
         run_tiny(config, tiny_registry)
     assert "has no annotations" in str(error.value)
     assert not Path(tiny_config["database"]).exists()
+
+
+def test_bfloat16_labels_agree_with_float32(tiny_config, tiny_registry, tmp_path):
+    exact = run_tiny(tiny_config, tiny_registry)
+    mixed = run_tiny(dict(tiny_config, precision="bfloat16", database=str(tmp_path / "bf16.duckdb")), tiny_registry)
+    query = "SELECT layer_id, unit, concept_id FROM unit_labels WHERE rank = 0 ORDER BY layer_id, unit"
+    first, second = rows(exact.database, query), rows(mixed.database, query)
+    agreement = sum(a == b for a, b in zip(first, second)) / len(first)
+    assert agreement >= 0.9
+    assert exact.activation_files["head"] != mixed.activation_files["head"], "precision must be part of the cache key"
