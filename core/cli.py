@@ -422,6 +422,55 @@ def cache_rm(cache_dir: Path | None, config_path: Path | None, kind: str | None,
     click.echo(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} ({freed:.1f} MB)")
 
 
+@cli.group()
+def concepts() -> None:
+    """List concept sets and check concept files."""
+
+
+@concepts.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def concepts_list(as_json: bool) -> None:
+    """List the registered concept sets with their options."""
+    from mammo_dissect.concept_sets.tools import list_concept_sets
+    from mammo_dissect.core.plugins import get_registry
+
+    rows = list_concept_sets(get_registry().objects["concept set"])
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(format_table(["name", "options", "description"],
+                            [(row["name"], row["options"], row["description"]) for row in rows]))
+
+
+@concepts.command(name="check")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--workbook", type=click.Path(path_type=Path, dir_okay=False),
+              help="Category workbook (one sheet per broad category) to match the concepts against.")
+@click.option("--token-limit", type=click.IntRange(min=1), default=77, show_default=True,
+              help="Flag concepts longer than this many tokens (counted in words without a tokenizer).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def concepts_check(path: Path, workbook: Path | None, token_limit: int, as_json: bool) -> None:
+    """Check a concept file: counts per category, duplicates, dropped lines, over-long concepts."""
+    from mammo_dissect.concept_sets.tools import check_concept_file
+
+    report = check_concept_file(path, workbook=workbook, token_limit=token_limit)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(f"{report['file']}: {report['concepts']} concepts kept of {report['raw_entries']} entries")
+    click.echo(f"blank lines dropped: {report['blank_lines']}; duplicates dropped: {len(report['duplicates'])}")
+    for duplicate in report["duplicates"]:
+        click.echo(f"  duplicate {duplicate['dropped']!r} (same as {duplicate['kept']!r})")
+    click.echo("per broad category:")
+    for name, count in sorted(report["by_broad_category"].items()):
+        click.echo(f"  {name}: {count}")
+    click.echo(f"over {report['token_limit']} tokens ({report['token_counter']}): {len(report['over_long'])}")
+    for entry in report["over_long"]:
+        click.echo(f"  {entry['tokens']} tokens: {entry['concept'][:80]}")
+    if "workbook" in report:
+        click.echo("workbook: " + json.dumps(report["workbook"], default=str)[:2000])
+
+
 def build_cli() -> click.Group:
     """Return the command group with plugin commands added."""
     from mammo_dissect.core.plugins import get_registry

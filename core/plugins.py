@@ -44,7 +44,15 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "mammo_dissect.plugins.probe_sets.folder",
     "mammo_dissect.plugins.probe_sets.mini_mias",
     "mammo_dissect.plugins.probe_sets.cbis_ddsm_dicom",
+    "mammo_dissect.plugins.probe_sets.dicom",
+    "mammo_dissect.plugins.probe_sets.manifest",
+    "mammo_dissect.plugins.probe_sets.vindr_mammo",
+    "mammo_dissect.plugins.probe_sets.rsna_screening",
+    "mammo_dissect.plugins.probe_sets.cbis_ddsm_csv",
+    "mammo_dissect.plugins.probe_sets.embed",
+    "mammo_dissect.plugins.probe_sets.ddsm_seg66",
     "mammo_dissect.concept_sets.builtin",
+    "mammo_dissect.concept_sets.formats",
 )
 
 #: Registration hooks and the kind of object each contributes.

@@ -414,3 +414,25 @@ def test_dry_run_prints_plan(tiny_config, tiny_registry, tmp_path, capsys):
     assert "features.2  6x16x16  6" in out
     assert "dry run: nothing was extracted or written" in out
     assert not Path(tiny_config["database"]).exists()
+
+
+def test_concepts_list_json(capsys):
+    code, out, _ = run_main(["concepts", "list", "--json"], capsys)
+    names = {row["name"] for row in json.loads(out)}
+    assert {"text", "annotations", "mammography-basic", "table", "workbook"} <= names
+
+
+def test_concepts_check_reports_duplicates(tmp_path, capsys):
+    path = tmp_path / "c.txt"
+    path.write_text("mass\n\nMass\n" + "very " * 90 + "long concept\n")
+    code, out, _ = run_main(["-q", "concepts", "check", str(path)], capsys)
+    assert code == 0
+    assert "2 concepts kept of 4 entries" in out
+    assert "duplicate 'Mass' (same as 'mass')" in out
+    assert "over 77 tokens" in out and ": 1" in out
+
+
+def test_concepts_check_missing_file(tmp_path, capsys):
+    code, _, err = run_main(["concepts", "check", str(tmp_path / "none.txt")], capsys)
+    assert code == 1
+    assert "not found" in err

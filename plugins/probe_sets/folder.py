@@ -24,6 +24,7 @@ from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.images import DICOM_SUFFIXES
 from mammo_dissect.core.images import dicom_metadata
 from mammo_dissect.core.images import read_image
+from mammo_dissect.core.preprocessing import apply_preprocessing
 from mammo_dissect.core.types import Options
 from mammo_dissect.core.types import ProbeImage
 from mammo_dissect.core.types import ProbeSet
@@ -164,9 +165,6 @@ class FolderReader(ProbeSetReader):
         ]
         logger.info("folder probe set: %d image(s) under %s", len(images), root)
         probe_set = ProbeSet(reader=self.name, root=root, images=images, decoding=dict(DECODING), decoder=read_image)
-        # Imported here because core.preprocessing is not needed by readers that declare no steps.
-        from mammo_dissect.core.preprocessing import apply_preprocessing
-
         return apply_preprocessing(probe_set, options.preprocessing)
 
     def _metadata(self, path: Path, root: Path) -> dict[str, Any]:

@@ -1,0 +1,43 @@
+"""Fingerprint of a probe set: what a cached or stored result was computed from.
+
+Two probe sets have the same fingerprint exactly when they hold the same
+image ids with byte-identical files and declare the same preprocessing, so
+a change of any image, of the image list or of a preprocessing step forces
+a recomputation.  The order of the images does not matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+def sha256_of_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Return the SHA-256 of a file's bytes, read in chunks of ``chunk_size`` bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint_payload(probe_set: Any, file_hashes: dict[str, str] | None = None) -> dict[str, Any]:
+    """Return the plain data the fingerprint hashes: sorted (id, file SHA-256) pairs and the preprocessing.
+
+    ``file_hashes`` maps image ids to SHA-256 values already computed (for
+    example by the pipeline's image records); other files are hashed here.
+    """
+    hashes = file_hashes or {}
+    pairs = sorted(
+        (image.image_id, hashes.get(image.image_id) or sha256_of_file(image.path)) for image in probe_set.images
+    )
+    return {"images": [list(pair) for pair in pairs], "preprocessing": list(getattr(probe_set, "preprocessing", []))}
+
+
+def probe_fingerprint(probe_set: Any, file_hashes: dict[str, str] | None = None) -> str:
+    """Return the SHA-256 fingerprint of ``probe_set`` (sorted ids, file hashes, preprocessing description)."""
+    payload = fingerprint_payload(probe_set, file_hashes)
+    encoded = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(encoded).hexdigest()
