@@ -257,7 +257,12 @@ def score_layer(
     top_n = min(plan.config.top_n, S.shape[1])
     scores, concept_ids = torch.topk(S, k=top_n, dim=1)
     top_k = plan.config.top_k_images
-    image_activation, image_index = torch.topk(A, k=top_k, dim=0)  # [top_k x K]
+    if plan.config.top_images_per_patient is None:
+        image_activation, image_index = torch.topk(A, k=top_k, dim=0)  # [top_k x K]
+    else:
+        image_activation, image_index = top_images_per_patient(
+            A, top_k, plan.config.top_images_per_patient, [record.patient_id for record in plan.images]
+        )
     top_scores = scores[:, 0].numpy().astype(np.float64)
 
     ranks = np.argsort(np.argsort(top_scores, kind="stable"), kind="stable")
@@ -422,6 +427,40 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "database": str(plan.config.database),
         "cache_dir": str(plan.cache.root),
     }
+
+
+def top_images_per_patient(
+    A: torch.Tensor, top_k: int, per_patient: int, patients: list[str | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return each unit's ``top_k`` most activating images with at most ``per_patient`` per patient.
+
+    Images without a patient id count as patients of their own.  When the
+    probe set has too few patients, the remaining ranks repeat nothing: they
+    are filled with the next images regardless of patient, so every unit
+    keeps ``top_k`` rows.
+    """
+    import torch
+
+    order = torch.argsort(A, dim=0, descending=True, stable=True).numpy()
+    values = A.numpy()
+    indices = np.empty((top_k, A.shape[1]), dtype=np.int64)
+    for unit in range(A.shape[1]):
+        chosen: list[int] = []
+        skipped: list[int] = []
+        counts: dict[str, int] = {}
+        for image in order[:, unit]:
+            patient = patients[image] or f"image-{image}"
+            if counts.get(patient, 0) < per_patient:
+                counts[patient] = counts.get(patient, 0) + 1
+                chosen.append(int(image))
+                if len(chosen) == top_k:
+                    break
+            else:
+                skipped.append(int(image))
+        chosen += skipped[: top_k - len(chosen)]
+        indices[:, unit] = chosen
+    activations = np.take_along_axis(values, indices, axis=0)
+    return torch.from_numpy(activations), torch.from_numpy(indices)
 
 
 def execute(plan: Plan) -> RunResults:

@@ -277,3 +277,29 @@ def test_bfloat16_labels_agree_with_float32(tiny_config, tiny_registry, tmp_path
     agreement = sum(a == b for a, b in zip(first, second)) / len(first)
     assert agreement >= 0.9
     assert exact.activation_files["head"] != mixed.activation_files["head"], "precision must be part of the cache key"
+
+
+def test_top_images_per_patient_limit(tiny_config, tiny_registry):
+    outcome = run_tiny(dict(tiny_config, top_images_per_patient=1), tiny_registry)
+    (worst,), = rows(
+        outcome.database,
+        """
+        SELECT max(n) FROM (
+            SELECT t.layer_id, t.unit, p.patient_id, count(*) AS n
+            FROM unit_top_images t JOIN probe_images p USING (run_id, image_index)
+            GROUP BY ALL
+        )
+        """,
+    )
+    assert worst == 1
+
+
+def test_top_images_per_patient_fills_when_few_patients():
+    import torch
+
+    from mammo_dissect.core.pipeline import top_images_per_patient
+
+    A = torch.tensor([[5.0], [4.0], [3.0], [2.0]])
+    values, indices = top_images_per_patient(A, 3, 1, ["p1", "p1", "p2", "p2"])
+    assert indices[:, 0].tolist() == [0, 2, 1]
+    assert values[:, 0].tolist() == [5.0, 3.0, 4.0]
