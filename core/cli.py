@@ -294,25 +294,40 @@ def format_table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
 
 @cli.command()
 @click.argument("database", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--run", "run_id", help="Run id (or a unique prefix); default: the latest completed run.")
+@click.option("--run", "run_ids", multiple=True,
+              help="Run id (or a unique prefix); repeat to compare runs. Default: the latest completed run.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder to write index.html and thumbnails into.")
-def report(database: Path, run_id: str | None, out_dir: Path) -> None:
-    """Render the HTML report of a run stored in DATABASE."""
+@click.option("--threshold", type=click.Choice(["global", "local", "none"]), default="global", show_default=True,
+              help="Comparisons: which units pass (global = at least the larger of the runs' layer means).")
+@click.option("--alpha", type=click.FloatRange(0, 1), help="Comparisons: also require p-value < ALPHA against the null.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Compare runs whose probe sets or concept sets differ (otherwise an error).")
+def report(database: Path, run_ids: tuple[str, ...], out_dir: Path, threshold: str, alpha: float | None,
+           allow_mismatch: bool) -> None:
+    """Render the HTML report of a run, or a side-by-side comparison of several runs, stored in DATABASE."""
     from mammo_dissect.core.errors import StoreError
+    from mammo_dissect.core.report import render_comparison
     from mammo_dissect.core.store import Store
 
     with Store(database, read_only=True) as store:
-        if run_id is None:
-            run_id = store.latest_run_id(status="completed") or store.latest_run_id()
-            if run_id is None:
+        if not run_ids:
+            latest = store.latest_run_id(status="completed") or store.latest_run_id()
+            if latest is None:
                 raise StoreError(f"{database} contains no runs; run a dissection first")
-        run_id = store.resolve_run_id(run_id)
-        status = store.get_run(run_id)["status"]
-    if status != "completed":
-        logger.warning("run %s has status %s: it stored no labels, so the report shows only its configuration",
-                       run_id, status)
-    _render(database, run_id, out_dir)
+            run_ids = (latest,)
+        resolved = [store.resolve_run_id(run_id) for run_id in run_ids]
+        statuses = {run_id: store.get_run(run_id)["status"] for run_id in resolved}
+    for run_id, status in statuses.items():
+        if status != "completed":
+            logger.warning("run %s has status %s: it stored no labels, so the report shows only its configuration",
+                           run_id, status)
+    if len(resolved) == 1:
+        _render(database, resolved[0], out_dir)
+        return
+    index = render_comparison(database, resolved, out_dir, threshold=threshold, alpha=alpha,
+                              strict=not allow_mismatch)
+    click.echo(f"report: {index}")
 
 
 @cli.command()
@@ -469,6 +484,49 @@ def concepts_check(path: Path, workbook: Path | None, token_limit: int, as_json:
         click.echo(f"  {entry['tokens']} tokens: {entry['concept'][:80]}")
     if "workbook" in report:
         click.echo("workbook: " + json.dumps(report["workbook"], default=str)[:2000])
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("output", type=click.Path(path_type=Path, dir_okay=False))
+def convert(checkpoint: Path, output: Path) -> None:
+    """Write a slim weights-only .safetensors copy of a Mammo-CLIP CHECKPOINT (plus a JSON sidecar)."""
+    from mammo_dissect.core.convert import convert_checkpoint
+
+    sidecar = convert_checkpoint(checkpoint, output)
+    click.echo(f"weights: {output}")
+    click.echo(f"configuration: {sidecar}")
+
+
+@cli.command(name="check-dissector")
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a configuration value.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def check_dissector_command(config: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check whether the dissector of CONFIG sees the probe set's annotated concepts (AUROC per concept).
+
+    The probe set must carry annotations.  Concepts whose 95% bootstrap
+    interval includes 0.5 are flagged: a dissector near chance on a concept
+    cannot label units with it.
+    """
+    from mammo_dissect.core.pipeline import dissector_check
+
+    results = dissector_check(_run_config(config, list(overrides)), progress=_State.progress)
+    if as_json:
+        click.echo(json.dumps([result.__dict__ for result in results], indent=2))
+        return
+    rows = [
+        (result.concept, result.n_positive, result.n_negative,
+         "-" if result.auroc is None else f"{result.auroc:.3f}",
+         "-" if result.ci_low is None else f"{result.ci_low:.3f} to {result.ci_high:.3f}", result.status)
+        for result in results
+    ]
+    click.echo(format_table(["concept", "positives", "negatives", "AUROC", "95% interval", "status"], rows))
+    near = [result.concept for result in results if result.status in ("near_chance", "inverted")]
+    if near:
+        logger.warning("the dissector is near chance or inverted on: %s", ", ".join(near))
+    if not results:
+        logger.warning("no annotated concept of the probe set is in the concept set; nothing was checked")
 
 
 def build_cli() -> click.Group:

@@ -376,6 +376,49 @@ def cached_activations(plan: Plan) -> list[LayerActivations]:
     return [found[layer.name] for layer in plan.layers]
 
 
+def dissector_check(
+    config: RunConfig, registry: Registry | None = None, progress: bool = True
+) -> list[Any]:
+    """Measure how well the configured dissector sees the probe set's annotated concepts.
+
+    Computes the dissector's P for the configured concept set and the
+    annotation dissector's ground truth for the probe set's annotation
+    vocabulary, then the AUROC of each annotated concept the dissector also
+    scores (:func:`mammo_dissect.core.check_dissector.check_dissector`).
+    The target section of the configuration is not used.
+    """
+    from mammo_dissect.core.check_dissector import check_dissector
+
+    registry = registry or get_registry()
+    reader = registry.get("probe set", config.probe_set.name)
+    dissector = registry.get("dissector", config.dissector.name)
+    concept_source = registry.get("concept set", config.concept_set.name)
+    annotation = registry.get("dissector", "annotation")
+    probe_set = reader.load(validate_options(reader.Options, config.probe_set.options, "probe_set.options"))
+    probe_set = probe_set.limit(config.probe_set.limit)
+    check_images_exist(probe_set)
+    if not any(image.annotations for image in probe_set.images):
+        raise ProbeSetError(
+            f"probe set {config.probe_set.name!r} has no annotations; check-dissector needs a labelled probe set"
+        )
+    concept_options = validate_options(concept_source.Options, config.concept_set.options, "concept_set.options")
+    concepts = normalise_concepts(
+        concept_source.load(concept_options, probe_set), concept_source.source_description(concept_options)
+    )
+    dissector_options = validate_options(dissector.Options, config.dissector.options, "dissector.options")
+    check_device(config.device)
+    _, fingerprint = image_records(probe_set)
+    runtime = Runtime(
+        batch_size=config.batch_size, device=config.device, num_workers=config.num_workers, progress=progress,
+        cache=ArrayCache(Path(config.cache_dir)), probe_fingerprint=fingerprint, precision=config.precision,
+    )
+    P = dissector.image_concept_matrix(dissector_options, probe_set, concepts.texts, runtime)
+    vocabulary = [text for text in probe_set.annotation_vocabulary
+                  if any(text in image.annotations for image in probe_set.images)]
+    truth = annotation.image_concept_matrix(annotation.Options(), probe_set, vocabulary, runtime)
+    return check_dissector(P.numpy(), concepts.texts, truth.numpy(), vocabulary, seed=config.seed)
+
+
 def plan_summary(plan: Plan) -> dict[str, Any]:
     """Describe what a run would do, without extracting anything.
 

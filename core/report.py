@@ -1,10 +1,10 @@
 """Render the HTML report of one run, or the comparison of several runs, from the store.
 
-A single-run report is a folder of static files: ``index.html`` with the run
-summary and the per-layer analyses (inline SVG charts), one or more pages per
-layer with a table of its units, PNG thumbnails of the probe images in
-``images/`` and, where the store has activation maps, thumbnails with the
-unit's map overlaid in ``overlays/``.  A comparison report has the
+A single-run report is a folder of static files.  ``index.html`` has the run
+summary and the per-layer analyses (inline SVG charts).  Each layer gets one or
+more pages with a table of its units.  ``images/`` has PNG thumbnails of the
+probe images, and ``overlays/`` has thumbnails with the unit's activation map
+overlaid where the store has maps.  A comparison report has the
 comparison in ``index.html`` and one single-run report per run in
 ``run-1/``, ``run-2/``, ...  Pages use inline CSS, inline SVG and a few lines of
 optional inline script, and load nothing from the network, so they open

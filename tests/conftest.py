@@ -13,9 +13,6 @@ def pytest_configure(config: pytest.Config) -> None:
     # Entry-point plugins are not loaded under tests, so the suite never
     # depends on what else is installed in the environment.
     sys._called_from_test = True  # type: ignore[attr-defined]
-    config.addinivalue_line(
-        "markers", "browser: opens reports in headless Chromium (needs chromium and playwright)"
-    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -436,3 +436,32 @@ def test_concepts_check_missing_file(tmp_path, capsys):
     code, _, err = run_main(["concepts", "check", str(tmp_path / "none.txt")], capsys)
     assert code == 1
     assert "not found" in err
+
+
+def test_check_dissector_ground_truth_is_perfect(tiny_config, tiny_registry, tmp_path, capsys):
+    config_path = write_toml(tmp_path / "r.toml", tiny_config)
+    code, out, _ = run_main(["-q", "check-dissector", str(config_path), "--json"], capsys)
+    results = {result["concept"]: result for result in json.loads(out)}
+    assert code == 0
+    assert set(results) == {"bright", "dark", "striped", "plain"}
+    assert {result["auroc"] for result in results.values()} == {1.0}
+
+
+def test_check_dissector_needs_annotations(tiny_config, tiny_registry, synthetic_probe, tmp_path, capsys):
+    config = dict(tiny_config, probe_set={"name": "folder", "options": {"root": str(synthetic_probe)}})
+    code, _, err = run_main(["check-dissector", str(write_toml(tmp_path / "r.toml", config))], capsys)
+    assert code == 1
+    assert "needs a labelled probe set" in err
+
+
+def test_report_compares_two_runs(tiny_config, tiny_registry, tmp_path, capsys):
+    config_path = write_toml(tmp_path / "r.toml", tiny_config)
+    run_main(["-q", "run", str(config_path)], capsys)
+    run_main(["-q", "run", str(config_path), "--set", 'target.pooling="max"'], capsys)
+    _, out, _ = run_main(["runs", tiny_config["database"]], capsys)
+    run_ids = [line.split()[0] for line in out.splitlines()[2:4]]
+    code, out, err = run_main(["report", tiny_config["database"], "--run", run_ids[0], "--run", run_ids[1],
+                               "--out", str(tmp_path / "compare")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "compare" / "index.html").is_file()
+    assert (tmp_path / "compare" / "run-1" / "index.html").is_file()

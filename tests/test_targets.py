@@ -208,3 +208,14 @@ def test_timm_negative_input_size_rejected():
 
     with pytest.raises(ValidationError):
         TimmOptions(model="test_resnet", input_size=(-1, -1))
+
+
+def test_lite0_fine_tuned_head(tmp_path):
+    target = EfficientNetLiteLoader().load(EfficientNetLiteOptions(random_init=True, num_classes=3))
+    path = tmp_path / "finetuned.pth"
+    torch.save(target.model.state_dict(), path)
+    loaded = EfficientNetLiteLoader().load(EfficientNetLiteOptions(weights=str(path), num_classes=3))
+    assert loaded.model._fc.out_features == 3
+    with pytest.raises(ModelLoadError) as error:
+        EfficientNetLiteLoader().load(EfficientNetLiteOptions(weights=str(path)))
+    assert "_fc.weight" in str(error.value)

@@ -61,6 +61,8 @@ class EfficientNetLiteOptions(Options):
     weights: str | None = None
     #: Square input size in pixels; default: the model's native size.
     input_size: int | None = Field(default=None, ge=32, le=4096)
+    #: Outputs of the classifier head ``_fc`` (1000 for ImageNet; set it for a fine-tuned head).
+    num_classes: int = Field(default=1000, ge=1)
     #: Build the model with random weights (a null baseline), ignoring ``weights``.
     random_init: bool = False
     #: Seed of the random initialisation.
@@ -108,7 +110,7 @@ class EfficientNetLiteLoader(TargetLoader):
                     )
         torch.manual_seed(options.seed)
         # The convolutions compute their "SAME" padding once for image_size and keep it.
-        model = EfficientNet.from_name(options.model, image_size=size)
+        model = EfficientNet.from_name(options.model, image_size=size, num_classes=options.num_classes)
         sha = None
         if weights_path is not None:
             state = read_state_dict(weights_path)

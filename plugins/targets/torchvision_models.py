@@ -1,0 +1,121 @@
+"""Target loader for torchvision classification models, built by name with weights from a local file."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+from typing import Any
+
+from pydantic import Field
+
+from mammo_dissect.core.errors import ModelLoadError
+from mammo_dissect.core.errors import UnknownNameError
+from mammo_dissect.core.hookspecs import hookimpl
+from mammo_dissect.core.images import ImagePreprocess
+from mammo_dissect.core.types import LoadedTarget
+from mammo_dissect.core.types import Options
+from mammo_dissect.core.types import TargetLoader
+from mammo_dissect.core.weights import check_local_file
+from mammo_dissect.core.weights import load_weights_strict
+from mammo_dissect.core.weights import read_state_dict
+from mammo_dissect.core.weights import sha256_file
+
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TorchvisionOptions(Options):
+    """Options of the ``torchvision`` target loader."""
+
+    #: torchvision model name, for example ``resnet50`` (see ``torchvision.models.list_models()``).
+    model: str
+    #: Local weights file (a state dict saved with ``torch.save``, or ``.safetensors``).
+    weights: str | None = None
+    #: Number of classifier outputs; default: the architecture's default (1000 for ImageNet models).
+    num_classes: int | None = Field(default=None, ge=1)
+    #: Input size (height, width); default: the crop size of the architecture's published weights.
+    input_size: tuple[Annotated[int, Field(ge=8, le=8192)], Annotated[int, Field(ge=8, le=8192)]] | None = None
+    #: Build the model with random weights (a null baseline) instead of loading ``weights``.
+    random_init: bool = False
+    seed: int = 0
+    #: Allow a partial load (missing or unexpected keys are then only logged).
+    allow_partial: bool = False
+
+
+class TorchvisionLoader(TargetLoader):
+    """Builds a torchvision classification model by name and loads its weights from a local file."""
+
+    name = "torchvision"
+    description = "torchvision classification models by name, weights from a local file (never downloaded)"
+    Options = TorchvisionOptions
+
+    def load(self, options: Options) -> LoadedTarget:
+        assert isinstance(options, TorchvisionOptions)
+        import torch
+        import torchvision
+
+        known = torchvision.models.list_models(module=torchvision.models)
+        if options.model not in known:
+            raise UnknownNameError("torchvision classification model", options.model, known)
+        weights_path = None
+        if not options.random_init:
+            if options.weights is None:
+                raise ModelLoadError(
+                    f"torchvision model {options.model!r} needs target.options.weights, the path of a local weights "
+                    f"file (mammo-dissect never downloads weights), or random_init = true"
+                )
+            weights_path = check_local_file(options.weights, "weights", "target.options.weights")
+        kwargs: dict[str, Any] = {}
+        if options.num_classes is not None:
+            kwargs["num_classes"] = options.num_classes
+        torch.manual_seed(options.seed)
+        # weights=None builds the architecture only; torchvision downloads nothing then.
+        model = torchvision.models.get_model(options.model, weights=None, **kwargs)
+        sha = None
+        if weights_path is not None:
+            state = read_state_dict(weights_path)
+            load_weights_strict(model, state, str(weights_path), allow_partial=options.allow_partial)
+            sha = sha256_file(weights_path)
+        model.eval()
+        size, mean, std = published_transform(options.model)
+        if options.input_size is not None:
+            size = (int(options.input_size[0]), int(options.input_size[1]))
+        preprocess = ImagePreprocess(
+            size=size,
+            mean=mean,
+            std=std,
+            channels=3,
+            interpolation="bilinear",
+            source=f"torchvision {options.model}: crop size, mean and std of its published weights; whole image resized, no centre crop",
+        )
+        logger.info("loaded torchvision %s from %s", options.model, weights_path or "random init")
+        return LoadedTarget(
+            model=model,
+            preprocess=preprocess,
+            spec=options.model + (" (random init)" if options.random_init else ""),
+            weights_path=str(weights_path) if weights_path else None,
+            weights_sha256=sha,
+        )
+
+
+def published_transform(name: str) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
+    """Return (size, mean, std) of the architecture's default published weights, without downloading them."""
+    import torchvision
+
+    try:
+        transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    except (ValueError, KeyError, AttributeError) as exc:
+        logger.info("no published transform for %s (%s); using 224 x 224 and ImageNet mean and std", name, exc)
+        return (224, 224), IMAGENET_MEAN, IMAGENET_STD
+    crop = transform.crop_size
+    size = (int(crop[0]), int(crop[-1])) if isinstance(crop, (list, tuple)) else (int(crop), int(crop))
+    return size, tuple(transform.mean), tuple(transform.std)
+
+
+@hookimpl
+def register_target_loaders(register: Any) -> None:
+    """Register the ``torchvision`` loader."""
+    register(TorchvisionLoader())
