@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from mammo_dissect.core.cache import ArrayCache
 from mammo_dissect.core.config import load_config
@@ -200,3 +201,32 @@ def test_kill_9_resumes_and_matches(tiny_config, tiny_registry, tmp_path):
         ).fetchall()
     assert statuses == ["interrupted", "completed"]
     assert resumed_labels == labels(reference.database)
+
+
+def test_nan_activations_stop_run(tiny_config, tiny_registry, monkeypatch):
+    from mammo_dissect.core.extraction import NonFiniteActivationError
+    from mammo_dissect.tests import tiny_plugins
+
+    original = tiny_plugins.build_tiny_cnn
+
+    def nan_cnn(seed: int = 0):
+        model = original(seed)
+        conv = model.features[0]
+        forward = conv.forward
+
+        def poisoned(x):
+            out = forward(x)
+            out[1] = float("nan")  # the second image of every batch
+            return out
+
+        conv.forward = poisoned
+        return model
+
+    monkeypatch.setattr(tiny_plugins, "build_tiny_cnn", nan_cnn)
+    with pytest.raises(NonFiniteActivationError) as error:
+        run_tiny(tiny_config, tiny_registry)
+    assert "img001" in str(error.value)
+    assert "features.0" in str(error.value)
+    with duckdb.connect(tiny_config["database"], read_only=True) as con:
+        assert con.execute("SELECT status FROM runs").fetchall() == [("failed",)]
+        assert con.execute("SELECT count(*) FROM unit_labels").fetchone()[0] == 0
