@@ -3,16 +3,18 @@
 With image embeddings I [N x D] and text embeddings T [M x D], the
 image-concept matrix is P = normalise(I) @ normalise(T).T, rows L2-normalised
 as :func:`mammo_dissect.core.embedding.embed_and_compare` does.  A streaming
-similarity function never builds P.  It asks :class:`EmbeddingSource` for
-the rows of chosen images or for one block of images and concepts, and it
-sizes each block with :func:`chunk_length` so that its temporaries stay
-within a memory budget in bytes.
+similarity function never builds P.  It gets the rows of chosen images, or
+one block of images and concepts, from :class:`EmbeddingSource`.  It sizes
+each block with :func:`chunk_length` so that its temporaries fit a memory
+budget in bytes.
 
 The budget covers memory a call allocates beyond its inputs (I, T, A) and
 its output S [K x M].  Block sizes come from per-element byte estimates in
-each function, so the budget is a target that measured peaks stay under, not
-a hard allocator limit.  A block always holds at least one image, unit or
-concept, so a budget smaller than one row is exceeded by that row.
+each function, so the budget is a target, not an allocator limit.
+NOTE: soft_wpmi at N = 1,000,000, M = 20,000 measured 5% above a 1 GiB
+budget (benchmarks/similarity.py).  A block always holds at least one
+image, unit or concept, so a budget smaller than one row is exceeded by
+that row.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 #: Bytes of one float32 element.
 FLOAT_BYTES = 4
 
-#: Fewest rows one product of image and text embeddings is computed with (see ``rows_from_unit_images``).
+#: Minimum number of rows in one product of image and text embeddings (see ``rows_from_unit_images``).
 MIN_PRODUCT_ROWS = 8
 
 
@@ -55,7 +57,8 @@ def check_finite_rows(label: str, matrix: torch.Tensor, column_kind: str, rows_p
     positions: list[str] = []
     for rows in chunks(matrix.shape[0], rows_per_chunk):
         bad = ~torch.isfinite(matrix[rows])
-        chunk_count = int(bad.sum())
+        # count_nonzero, because sum() of a bool tensor makes an int64 copy of it.
+        chunk_count = int(torch.count_nonzero(bad))
         if chunk_count == 0:
             continue
         count += chunk_count
@@ -98,8 +101,9 @@ def check_embedding_inputs(
         ("text_embeddings", text_embeddings, "dimension"),
         ("A", A, "unit"),
     ):
-        # isfinite makes a bool copy and may upcast: about 8 bytes per element.
-        rows = chunk_length(budget_bytes, 8 * max(1, matrix.shape[1]), matrix.shape[0])
+        # isfinite of float32 makes an abs() copy and bool masks: measured about 8 bytes per
+        # element at peak (torch 2.14.1, CPU); 12 leaves room for a cast of other dtypes.
+        rows = chunk_length(budget_bytes, 12 * max(1, matrix.shape[1]), matrix.shape[0])
         check_finite_rows(label, matrix, column_kind, rows)
 
 
@@ -146,9 +150,9 @@ class EmbeddingSource:
         texts = self.texts if concepts is None else self.texts[concepts]
         n_rows = unit_images.shape[0]
         if 0 < n_rows < MIN_PRODUCT_ROWS:
-            # A product of 1 to 3 rows takes a matrix-vector kernel whose rounding differs from
-            # the full product's by about 1e-7 (measured with torch 2.14.1 on CPU); padding
-            # keeps each row bit-identical to the same row of the full P there.
+            # A product of 1 to 3 rows rounds differently from the full product, by about 1e-7
+            # (measured with torch 2.14.1 and MKL on CPU).  Padding keeps each row bit-identical
+            # to the same row of the full P there.
             padding = unit_images[:1].expand(MIN_PRODUCT_ROWS - n_rows, -1)
             return (torch.cat([unit_images, padding]) @ texts.T)[:n_rows]
         return unit_images @ texts.T

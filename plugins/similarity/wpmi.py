@@ -161,11 +161,9 @@ def stream_log_likelihood(
     # One step: a block of P rows, a * P and softmax output while Q is built, or the
     # gathered rows and two log temporaries while terms are added.
     step_bytes = 4 * streaming.FLOAT_BYTES * min(step_pairs, n_pairs) * n_concepts
-    # Per pair of a segment, at most one distinct image, whose Q row is kept.  Q gets
-    # three quarters of what is left: at N = 1,000,000 a segment sized to all of it
-    # measured 14% over the budget (index tensors, the top-k pass, allocator slack).
+    # Per pair of a segment, at most one distinct image, whose Q row is kept.
     image_bytes = streaming.FLOAT_BYTES * n_concepts
-    pairs_per_segment = streaming.chunk_length((budget_bytes - step_bytes) * 3 // 4, image_bytes, n_pairs)
+    pairs_per_segment = streaming.chunk_length(budget_bytes - step_bytes, image_bytes, n_pairs)
 
     log_likelihood = torch.zeros(n_units, n_concepts, device=source.device, dtype=torch.float32)
     for segment in streaming.chunks(n_pairs, pairs_per_segment):
