@@ -60,8 +60,13 @@ def embed_and_compare(
     concepts: list[str],
     runtime: Runtime,
     cache_parts: dict[str, Any] | None = None,
-) -> torch.Tensor:
+    return_embeddings: bool = False,
+) -> Any:
     """Encode every probe image and concept and return P [N x M] in float32 on the CPU.
+
+    With ``return_embeddings`` the result is instead the pair of L2-normalised
+    embeddings (I [N x D], T [M x D]), from which P = I @ T.T; similarity
+    functions can then score without building P.
 
     With ``runtime.cache`` and ``cache_parts`` (what identifies the
     dissector's output, from its ``describe``), image and concept
@@ -110,6 +115,12 @@ def embed_and_compare(
 
     image_unit = torch.nn.functional.normalize(images, dim=1)
     text_unit = torch.nn.functional.normalize(texts, dim=1)
+    if return_embeddings:
+        logger.info(
+            "embeddings of %s: %d images and %d concepts (dimension %d)",
+            loaded.spec, image_unit.shape[0], text_unit.shape[0], image_unit.shape[1],
+        )
+        return image_unit.contiguous(), text_unit.contiguous()
     similarity = image_unit @ text_unit.T
     logger.info(
         "image-concept matrix of %s: %d images x %d concepts (embedding dimension %d)",

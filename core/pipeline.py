@@ -49,6 +49,7 @@ from mammo_dissect.core.results import ModelRecord
 from mammo_dissect.core.results import RunResults
 from mammo_dissect.core.results import UnitTables
 from mammo_dissect.core.types import Dissector
+from mammo_dissect.core.types import EmbeddingDissector
 from mammo_dissect.core.types import LoadedTarget
 from mammo_dissect.core.types import Options
 from mammo_dissect.core.types import ProbeSet
@@ -236,9 +237,31 @@ def check_device(device: str) -> None:
         )
 
 
+@dataclass
+class ConceptEvidence:
+    """What the dissector produced: P itself, or the embeddings whose product is P."""
+
+    P: torch.Tensor | None = None
+    image_embeddings: torch.Tensor | None = None
+    text_embeddings: torch.Tensor | None = None
+
+    def score(self, plan: Plan, A: torch.Tensor) -> torch.Tensor:
+        """Return S for activations A with the plan's similarity function."""
+        if self.P is not None:
+            return plan.similarity(self.P, A, **plan.similarity_params)
+        return plan.similarity(
+            None,
+            A,
+            image_embeddings=self.image_embeddings,
+            text_embeddings=self.text_embeddings,
+            memory_budget_bytes=plan.config.similarity_memory_mib * 1024 * 1024,
+            **plan.similarity_params,
+        )
+
+
 def score_layer(
     plan: Plan,
-    P: torch.Tensor,
+    evidence: ConceptEvidence,
     activations: np.ndarray,
     layer_id: int,
     generator_seed: int,
@@ -248,7 +271,7 @@ def score_layer(
 
     A = torch.from_numpy(np.array(activations, dtype=np.float32))
     n_images, n_units = A.shape
-    S = plan.similarity(P, A, **plan.similarity_params)
+    S = evidence.score(plan, A)
     if not bool(torch.isfinite(S).all()):
         raise MammoDissectError(
             f"similarity {plan.similarity.name!r} produced NaN or Inf for layer {layer_id}; "
@@ -275,7 +298,7 @@ def score_layer(
         null_tops = []
         for _ in range(plan.config.permutations):
             order = torch.randperm(n_images, generator=generator)
-            null_tops.append(plan.similarity(P, A[order], **plan.similarity_params).max(dim=1).values)
+            null_tops.append(evidence.score(plan, A[order]).max(dim=1).values)
         null = torch.cat(null_tops).numpy().astype(np.float64)
         null_sorted = np.sort(null)
         at_least = len(null_sorted) - np.searchsorted(null_sorted, top_scores, side="left")
@@ -506,6 +529,30 @@ def top_images_per_patient(
     return torch.from_numpy(activations), torch.from_numpy(indices)
 
 
+def concept_evidence(plan: Plan) -> ConceptEvidence:
+    """Run the dissector: embeddings for embedding dissectors (P is never built), else P."""
+    n_images, n_concepts = len(plan.probe_set), len(plan.concepts.concepts)
+    if isinstance(plan.dissector, EmbeddingDissector) and plan.similarity.stream_fn is not None:
+        images, texts = plan.dissector.embeddings(
+            plan.dissector_options, plan.probe_set, plan.concepts.texts, plan.runtime
+        )
+        if images.shape[0] != n_images or texts.shape[0] != n_concepts:
+            raise MammoDissectError(
+                f"dissector {plan.dissector.name!r} returned {images.shape[0]} image and {texts.shape[0]} "
+                f"concept embeddings, expected {n_images} and {n_concepts}"
+            )
+        return ConceptEvidence(image_embeddings=images.float().cpu(), text_embeddings=texts.float().cpu())
+    P = plan.dissector.image_concept_matrix(
+        plan.dissector_options, plan.probe_set, plan.concepts.texts, plan.runtime
+    )
+    if tuple(P.shape) != (n_images, n_concepts):
+        raise MammoDissectError(
+            f"dissector {plan.dissector.name!r} returned P of shape {tuple(P.shape)}, expected "
+            f"{(n_images, n_concepts)} (images x concepts)"
+        )
+    return ConceptEvidence(P=P.float().cpu())
+
+
 def execute(plan: Plan) -> RunResults:
     """Run extraction, the dissector and scoring for a prepared plan."""
     config = plan.config
@@ -515,16 +562,7 @@ def execute(plan: Plan) -> RunResults:
     )
     layer_activations = cached_activations(plan)
     plan.activation_files = {activations.layer.name: activations.path for activations in layer_activations}
-    P = plan.dissector.image_concept_matrix(
-        plan.dissector_options, plan.probe_set, plan.concepts.texts, plan.runtime
-    )
-    expected = (len(plan.probe_set), len(plan.concepts.concepts))
-    if tuple(P.shape) != expected:
-        raise MammoDissectError(
-            f"dissector {plan.dissector.name!r} returned P of shape {tuple(P.shape)}, expected {expected} "
-            f"(images x concepts)"
-        )
-    P = P.float().cpu()
+    evidence = concept_evidence(plan)
 
     columns: dict[str, list[np.ndarray]] = {}
     layer_records = []
@@ -533,7 +571,7 @@ def execute(plan: Plan) -> RunResults:
     for layer_id, activations in enumerate(
         tqdm(layer_activations, desc="scoring layers", unit="layer", disable=not plan.runtime.progress)
     ):
-        tables, null_stats = score_layer(plan, P, activations.load(), layer_id, config.seed + layer_id)
+        tables, null_stats = score_layer(plan, evidence, activations.load(), layer_id, config.seed + layer_id)
         for key, value in tables.items():
             columns.setdefault(key, []).append(value)
         layer_records.append(_layer_record(layer_id, activations, config.target.pooling, null_stats))

@@ -295,6 +295,25 @@ class EmbeddingDissector(Dissector):
             self.load(options), probe_set, list(concepts), runtime, cache_parts=self.describe(options)
         )
 
+    def embeddings(
+        self,
+        options: Options,
+        probe_set: ProbeSet,
+        concepts: Sequence[str],
+        runtime: Runtime,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return L2-normalised image embeddings [N x D] and concept embeddings [M x D].
+
+        P is their product; the pipeline passes them to similarity functions,
+        which then compute only the parts of P they need.
+        """
+        from mammo_dissect.core.embedding import embed_and_compare
+
+        return embed_and_compare(  # type: ignore[no-any-return]
+            self.load(options), probe_set, list(concepts), runtime,
+            cache_parts=self.describe(options), return_embeddings=True,
+        )
+
 
 # ---------------------------------------------------------------- similarity
 

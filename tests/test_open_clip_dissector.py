@@ -498,3 +498,45 @@ def test_pipeline_run_with_open_clip(tiny_files: dict[str, Any], tmp_path: Path,
     assert labels == 6 * 2
     assert dissector[0] == "open_clip"
     assert dissector[1] is not None
+
+
+def test_streaming_pipeline_matches_full_p(tiny_files: dict[str, Any], tmp_path: Path, tiny_registry, monkeypatch) -> None:
+    """Runs with an embedding dissector score from embeddings; labels equal the full-P path."""
+    import duckdb
+
+    from mammo_dissect.core.config import load_config
+    from mammo_dissect.core.pipeline import run
+
+    folder = tmp_path / "probes-stream"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 256, size=(40, 32), dtype=np.uint8)).save(folder / f"m{index:02d}.png")
+    concept_file = tmp_path / "concepts.txt"
+    concept_file.write_text("\n".join(CONCEPTS) + "\n", encoding="utf-8")
+
+    def config(name: str) -> Any:
+        return load_config(None, data={
+            "probe_set": {"name": "folder", "options": {"root": str(folder)}},
+            "target": {"loader": "tiny-cnn", "layers": ["features.2", "head"]},
+            "dissector": {"name": "open_clip", "options": {
+                "architecture": ARCHITECTURE, "weights": str(tiny_files["weights"]),
+                "model_config": str(tiny_files["config"]),
+            }},
+            "concept_set": {"name": "text", "options": {"path": str(concept_file)}},
+            "similarity": {"name": "soft_wpmi", "params": {"top_k": 5}},
+            "permutations": 2,
+            "similarity_memory_mib": 16,
+            "cache_dir": str(tmp_path / f"cache-{name}"),
+            "database": str(tmp_path / f"{name}.duckdb"),
+        })
+
+    streamed = run(config("stream"), progress=False)
+    monkeypatch.setattr(tiny_registry.get("similarity function", "soft_wpmi"), "stream_fn", None)
+    full = run(config("full"), progress=False)
+    query = "SELECT layer_id, unit, rank, concept_id, round(score, 3) FROM unit_labels ORDER BY ALL"
+    with duckdb.connect(str(streamed.database), read_only=True) as con:
+        first = con.execute(query).fetchall()
+    with duckdb.connect(str(full.database), read_only=True) as con:
+        second = con.execute(query).fetchall()
+    assert first == second
