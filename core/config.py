@@ -94,6 +94,8 @@ class RunConfig(Section):
     num_workers: StrictInt = Field(default=0, ge=0)
     #: torch device, for example "cpu", "cuda" or "cuda:1".
     device: str = "cpu"
+    #: Executor that extracts activations: "local" (in this process) or a plugin's (for example "ray").
+    executor: PluginChoice = Field(default_factory=lambda: PluginChoice(name="local"))
     #: Extra memory one similarity call may use when it scores from embeddings, in MiB.
     similarity_memory_mib: StrictInt = Field(default=1024, ge=16)
     #: Precision of the target's forward passes: "float32" or mixed "bfloat16" (autocast).

@@ -354,6 +354,24 @@ def activation_key_parts(plan: Plan) -> dict[str, Any]:
     }
 
 
+def run_executor(plan: Plan, layers: list[ResolvedLayer], out_dir: Path) -> list[LayerActivations]:
+    """Extract ``layers`` into ``out_dir`` with the configured executor.
+
+    The built-in ``local`` executor runs :func:`extract_activations` in this
+    process.  An executor plugin gets the plan, the layers and the folder and
+    must return the same: one ``.npy`` file [N x K] per layer in ``out_dir``
+    with rows in probe-set order.
+    """
+    choice = plan.config.executor
+    if choice.name == "local":
+        if choice.options:
+            raise ConfigError(f"executor 'local' takes no options, got {sorted(choice.options)}")
+        return extract_activations(plan.target, layers, plan.probe_set, plan.runtime, plan.config.target.pooling, out_dir)
+    executor = plan.registry.get("executor", choice.name)
+    options = validate_options(executor.Options, choice.options, "executor.options")
+    return executor.extract(options, plan, layers, out_dir)  # type: ignore[no-any-return]
+
+
 def cached_activations(plan: Plan) -> list[LayerActivations]:
     """Return every layer's pooled activations, from the cache or from one forward pass.
 
@@ -380,9 +398,7 @@ def cached_activations(plan: Plan) -> list[LayerActivations]:
         partial = plan.cache.root / "partial" / group
         if plan.cache.recompute and partial.exists():
             shutil.rmtree(partial)
-        extracted = extract_activations(
-            plan.target, missing, plan.probe_set, plan.runtime, plan.config.target.pooling, partial
-        )
+        extracted = run_executor(plan, missing, partial)
         for activations in extracted:
             name = activations.layer.name
             path = plan.cache.store_file(
