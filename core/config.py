@@ -83,6 +83,8 @@ class RunConfig(Section):
     top_n: StrictInt = Field(default=10, ge=1)
     #: Number of most activating probe images kept per unit.
     top_k_images: StrictInt = Field(default=5, ge=1)
+    #: Side of the stored activation maps of each unit on its top images (0 = store none).
+    activation_map_size: StrictInt = Field(default=16, ge=0, le=64)
     #: Keep at most this many of a unit's top images per patient (None = no limit).
     top_images_per_patient: StrictInt | None = Field(default=None, ge=1)
     #: Permutations of the image order of A for each layer's null baseline (0 = none).

@@ -569,6 +569,97 @@ def concept_evidence(plan: Plan) -> ConceptEvidence:
     return ConceptEvidence(P=P.float().cpu())
 
 
+def collect_activation_maps(
+    plan: Plan, layer_activations: list[LayerActivations], columns: dict[str, list[np.ndarray]]
+) -> dict[int, np.ndarray]:
+    """Return each spatial layer's unit maps on the unit's top images, [units x top_k x h x w].
+
+    A second forward pass over the union of all units' top images records
+    each layer's output, average-pooled to at most ``activation_map_size``
+    on each side.  The maps are cached like activations, keyed by the
+    layer's activation key and the top-image indices.
+    """
+    import torch
+    import torch.nn.functional as functional
+
+    size = plan.config.activation_map_size
+    top_k = plan.config.top_k_images
+    spatial = [
+        (layer_id, activations) for layer_id, activations in enumerate(layer_activations)
+        if len(activations.output_shape) == 3
+    ]
+    if not spatial:
+        return {}
+    base = activation_key_parts(plan)
+    top: dict[int, np.ndarray] = {}
+    keys: dict[int, str] = {}
+    maps: dict[int, np.ndarray] = {}
+    for layer_id, activations in spatial:
+        indices = columns["image_index"][layer_id].reshape(-1, top_k)  # [units x top_k]
+        top[layer_id] = indices
+        keys[layer_id] = cache_key({
+            **base, "kind": "activation_maps", "layer": activations.layer.name, "size": size,
+            "top_images": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest(),
+        })
+    missing = []
+    for layer_id, activations in spatial:
+        hit = plan.cache.load("activation_maps", keys[layer_id], f"activation maps of layer {activations.layer.name}")
+        if hit is None:
+            missing.append((layer_id, activations))
+        else:
+            maps[layer_id] = np.array(hit[0])
+    if not missing:
+        return maps
+
+    images = sorted({int(index) for layer_id, _ in missing for index in np.unique(top[layer_id])})
+    outputs: dict[int, torch.Tensor] = {}
+    shapes = {}
+    handles = []
+    for layer_id, activations in missing:
+        _, height, width = activations.output_shape
+        shapes[layer_id] = (min(height, size), min(width, size))
+        maps[layer_id] = np.zeros((top[layer_id].shape[0], top_k, *shapes[layer_id]), dtype=np.float32)
+
+        def hook(module: Any, inputs: Any, output: Any, _id: int = layer_id) -> None:
+            first = output[0] if isinstance(output, (tuple, list)) else output
+            outputs[_id] = functional.adaptive_avg_pool2d(first.detach().float(), shapes[_id]).cpu()
+
+        handles.append(activations.layer.module.register_forward_hook(hook))
+    model = plan.target.model.to(plan.runtime.device).eval()
+    device_type = torch.device(plan.runtime.device).type
+    try:
+        batch_size = plan.runtime.batch_size
+        start = 0
+        with torch.inference_mode():
+            while start < len(images):
+                chunk = images[start : start + batch_size]
+                batch = torch.stack([plan.target.preprocess(plan.probe_set.read(index)) for index in chunk])
+                try:
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=plan.runtime.precision == "bfloat16"):
+                        model(batch.to(plan.runtime.device))
+                except (RuntimeError, MemoryError) as exc:
+                    if "out of memory" not in str(exc).lower() or batch_size == 1:
+                        raise
+                    batch_size = max(1, batch_size // 2)
+                    logger.warning("out of memory in the activation-map pass; retrying with batch size %d", batch_size)
+                    continue
+                start += len(chunk)
+                for layer_id, _ in missing:
+                    pooled = outputs[layer_id].numpy()
+                    for position, image in enumerate(chunk):
+                        units, ranks = np.nonzero(top[layer_id] == image)
+                        maps[layer_id][units, ranks] = pooled[position, units]
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer_id, activations in missing:
+        plan.cache.store(
+            "activation_maps", keys[layer_id], maps[layer_id],
+            {"description": f"activation maps of {plan.target.spec} layer {activations.layer.name}"},
+        )
+    return maps
+
+
 def execute(plan: Plan) -> RunResults:
     """Run extraction, the dissector and scoring for a prepared plan."""
     config = plan.config
@@ -593,6 +684,7 @@ def execute(plan: Plan) -> RunResults:
         layer_records.append(_layer_record(layer_id, activations, config.target.pooling, null_stats))
         logger.info("layer %s: %d units scored", activations.layer.name, layer_records[-1].n_units)
     units = UnitTables(**{key: np.concatenate(parts) for key, parts in columns.items()})
+    maps = collect_activation_maps(plan, layer_activations, columns) if config.activation_map_size else {}
     return RunResults(
         probe_set_reader=plan.probe_set.reader,
         probe_set_root=str(plan.probe_set.root),
@@ -613,6 +705,7 @@ def execute(plan: Plan) -> RunResults:
         ],
         units=units,
         extra={"probe_decoding": plan.probe_set.decoding},
+        activation_maps=maps,
     )
 
 

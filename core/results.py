@@ -116,3 +116,6 @@ class RunResults:
     concepts: list[ConceptRecord]
     units: UnitTables
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Spatial activation maps of each unit on its top images, by layer id:
+    #: float32 [units x top_k_images x height x width], ranks as in the top images.
+    activation_maps: dict[int, np.ndarray] = field(default_factory=dict)

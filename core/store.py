@@ -547,9 +547,144 @@ def m002_analyses(con: duckdb.DuckDBPyConnection) -> None:
     create_analysis_objects(con)
 
 
+#: Views of the label-validity, chance-control and stability tables, created by
+#: :func:`m003_validity`.  ``docs/validity.md`` documents each.
+VALIDITY_VIEWS: tuple[tuple[str, str], ...] = (
+    (
+        "VIEW",
+        """
+        layer_validity AS
+        SELECT
+            l.run_id,
+            l.layer_id,
+            l.name AS layer,
+            l.n_units,
+            count(v.unit) AS n_labels_checked,
+            count(v.auroc) AS n_auroc,
+            avg(v.auroc) AS mean_auroc,
+            quantile_cont(v.auroc, 0.5) AS median_auroc,
+            count(*) FILTER (WHERE v.auroc > 0.5) / nullif(count(v.auroc), 0) AS share_above_half
+        FROM layers AS l
+        JOIN unit_validity AS v ON v.run_id = l.run_id AND v.layer_id = l.layer_id
+        GROUP BY l.run_id, l.layer_id, l.name, l.n_units
+        """,
+    ),
+    (
+        "VIEW",
+        """
+        chance_summary AS
+        SELECT
+            run_id,
+            layer_id,
+            layer,
+            control,
+            count(*) AS n_trials,
+            avg(n_mammography) AS mean_n_mammography,
+            avg(n_distractor) AS mean_n_distractor,
+            avg(n_mammography / nullif(n_mammography + n_distractor, 0)) AS mean_mammography_share,
+            avg(mean_auroc) AS mean_auroc,
+            quantile_cont(mean_auroc, 0.05) AS p05_auroc,
+            quantile_cont(mean_auroc, 0.95) AS p95_auroc
+        FROM chance_counts
+        GROUP BY run_id, layer_id, layer, control
+        """,
+    ),
+    (
+        "VIEW",
+        """
+        layer_stability AS
+        SELECT
+            s.run_id,
+            s.layer_id,
+            l.name AS layer,
+            s.perturbation,
+            count(*) AS n_units,
+            avg(s.label_changed_share) AS mean_label_changed_share,
+            count(*) FILTER (WHERE s.label_changed_share > 0) / count(*) AS share_units_changed
+        FROM unit_stability AS s
+        JOIN layers AS l ON l.run_id = s.run_id AND l.layer_id = s.layer_id
+        GROUP BY s.run_id, s.layer_id, l.name, s.perturbation
+        """,
+    ),
+)
+
+
+def m003_validity(con: duckdb.DuckDBPyConnection) -> None:
+    """Add the tables of label validity, chance controls and label stability, and their views.
+
+    ``unit_validity`` has one row per unit whose top label is an annotated
+    concept: the AUROC of the unit's pooled activations for images with that
+    concept against images without it (NULL when a class is empty).
+    ``chance_counts`` has one row per layer and control trial (the run itself,
+    a random dissector seed, a shuffle of the concept texts, the annotation
+    dissector), ``concept_null_wins`` how often each concept was a top label
+    under a control, and ``unit_stability`` the share of perturbation trials
+    that changed a unit's top label.
+    """
+    con.execute(
+        """
+        CREATE TABLE unit_validity (
+            run_id VARCHAR,
+            layer_id INTEGER,
+            unit INTEGER,
+            concept_id INTEGER,
+            auroc DOUBLE,
+            n_positive INTEGER,
+            n_negative INTEGER
+        )
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE chance_counts (
+            run_id VARCHAR,
+            layer_id INTEGER,
+            layer VARCHAR,
+            control VARCHAR,
+            seed BIGINT,
+            n_units INTEGER,
+            n_mammography INTEGER,
+            n_distractor INTEGER,
+            n_unknown_category INTEGER,
+            n_auroc INTEGER,
+            mean_auroc DOUBLE
+        )
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE concept_null_wins (
+            run_id VARCHAR,
+            control VARCHAR,
+            concept_id INTEGER,
+            wins BIGINT,
+            trials BIGINT
+        )
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE unit_stability (
+            run_id VARCHAR,
+            layer_id INTEGER,
+            unit INTEGER,
+            perturbation VARCHAR,
+            label_changed_share DOUBLE,
+            n_trials INTEGER
+        )
+        """
+    )
+    for kind, body in VALIDITY_VIEWS:
+        con.execute(f"CREATE {kind} {body}")
+
+
 #: Schema migrations in the order they are applied.  Append new ones, and
 #: never edit or reorder a migration that has been released.
-MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (m001_initial, m002_analyses)
+MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
+    m001_initial,
+    m002_analyses,
+    m003_validity,
+)
 
 
 def _create_migrations_table(con: duckdb.DuckDBPyConnection) -> None:
@@ -891,7 +1026,35 @@ def _arrow_tables(results: RunResults) -> dict[str, pa.Table]:
         tables.update(_unit_arrow_tables(results))
     except (TypeError, ValueError, pa.ArrowException) as exc:
         raise StoreError(f"cannot convert the per-unit results to rows: {exc}") from exc
+    if results.activation_maps:
+        try:
+            tables["unit_activation_maps"] = _activation_map_table(results.activation_maps)
+        except (TypeError, ValueError, pa.ArrowException) as exc:
+            raise StoreError(f"cannot convert the activation maps to rows: {exc}") from exc
     return tables
+
+
+def _activation_map_table(maps: dict[int, np.ndarray]) -> pa.Table:
+    """Flatten [units x ranks x height x width] arrays into one row per (layer, unit, rank)."""
+    parts = []
+    for layer_id, array in sorted(maps.items()):
+        units, ranks, height, width = array.shape
+        flat = np.ascontiguousarray(array, dtype=np.float32).reshape(units * ranks, height * width)
+        values = pa.array(flat.reshape(-1), type=pa.float32())
+        offsets = pa.array(np.arange(0, flat.size + 1, height * width, dtype=np.int32), type=pa.int32())
+        parts.append(
+            pa.table(
+                {
+                    "layer_id": pa.array(np.full(units * ranks, layer_id, dtype=np.int32)),
+                    "unit": pa.array(np.repeat(np.arange(units, dtype=np.int32), ranks)),
+                    "rank": pa.array(np.tile(np.arange(ranks, dtype=np.int16), units)),
+                    "height": pa.array(np.full(units * ranks, height, dtype=np.int16)),
+                    "width": pa.array(np.full(units * ranks, width, dtype=np.int16)),
+                    "activation_map": pa.ListArray.from_arrays(offsets, values),
+                }
+            )
+        )
+    return pa.concat_tables(parts)
 
 
 # ---------------------------------------------------------------- the store
@@ -1014,14 +1177,23 @@ class Store:
             )
         applied = _applied_migrations(self._con)
         pending = [m.__name__ for m in MIGRATIONS if m.__name__ not in applied]
-        if pending == [m002_analyses.__name__]:
-            # Only the analysis views are missing: create session-only copies,
+        if m002_analyses.__name__ in pending:
+            # The analysis views are missing: create session-only copies,
             # which leave the file unchanged.
             create_analysis_objects(self._con, temporary=True)
             logger.info(
                 "results database %s lacks schema migration %s; using temporary analysis views",
                 self.path,
                 m002_analyses.__name__,
+            )
+            pending.remove(m002_analyses.__name__)
+        if pending == [m003_validity.__name__]:
+            # Validity, chance and stability results are written by a writer,
+            # which applies the migration; readers see those tables as absent.
+            logger.info(
+                "results database %s lacks schema migration %s: it has no validity, chance or stability tables",
+                self.path,
+                m003_validity.__name__,
             )
             return
         if pending:

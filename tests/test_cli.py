@@ -349,7 +349,7 @@ def test_cache_ls_and_rm(completed_run, tiny_config, capsys):
     cache_dir = tiny_config["cache_dir"]
     code, out, _ = run_main(["cache", "ls", "--cache-dir", cache_dir], capsys)
     assert code == 0
-    assert out.count(" ok ") == 3
+    assert out.count(" ok ") == 5
     code, out, _ = run_main(["cache", "rm", "--cache-dir", cache_dir, "--kind", "activations"], capsys)
     assert out.strip() == "removed 3 cache entries (0.0 MB)"
 

@@ -303,3 +303,32 @@ def test_top_images_per_patient_fills_when_few_patients():
     values, indices = top_images_per_patient(A, 3, 1, ["p1", "p1", "p2", "p2"])
     assert indices[:, 0].tolist() == [0, 2, 1]
     assert values[:, 0].tolist() == [5.0, 3.0, 4.0]
+
+
+def test_activation_maps_stored_for_top_images(tiny_config, tiny_registry):
+    import torch
+
+    outcome = run_tiny(tiny_config, tiny_registry)
+    (count, height, width), = rows(
+        outcome.database,
+        "SELECT count(*), max(height), max(width) FROM unit_activation_maps WHERE layer_id = 1",
+    )
+    assert count == 6 * 4
+    assert (height, width) == (16, 16)
+    (index,), = rows(outcome.database,
+                     "SELECT image_index FROM unit_top_images WHERE layer_id = 1 AND unit = 2 AND rank = 0")
+    (stored,), = rows(outcome.database,
+                      "SELECT activation_map FROM unit_activation_maps WHERE layer_id = 1 AND unit = 2 AND rank = 0")
+    from mammo_dissect.core.config import load_config
+    from mammo_dissect.core.pipeline import prepare
+
+    plan = prepare(load_config(None, data=copy.deepcopy(tiny_config)), tiny_registry, progress=False)
+    image = plan.target.preprocess(plan.probe_set.read(index)).unsqueeze(0)
+    with torch.no_grad():
+        features = plan.target.model.features[:3](image)[0, 2]
+    assert np.allclose(np.array(stored).reshape(16, 16), features.numpy(), atol=1e-5)
+
+
+def test_no_activation_maps_when_disabled(tiny_config, tiny_registry):
+    outcome = run_tiny(dict(tiny_config, activation_map_size=0), tiny_registry)
+    assert rows(outcome.database, "SELECT count(*) FROM unit_activation_maps") == [(0,)]
