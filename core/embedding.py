@@ -156,6 +156,39 @@ def _cached(
     return value
 
 
+def check_concept_lengths(
+    concepts: Sequence[str],
+    prompts: Sequence[str],
+    count_tokens: Callable[[str], int],
+    limit: int,
+    model: str,
+    truncate: bool,
+) -> None:
+    """Reject, or warn about, concepts whose prompt has more than ``limit`` tokens.
+
+    ``count_tokens(prompt)`` counts the tokens the text encoder sees,
+    special tokens included.  ``model`` names the encoder in the message.
+    Raises :class:`ConceptSetError` listing every over-long concept unless
+    ``truncate`` is set; then a warning lists them and the encoder truncates.
+    """
+    too_long = []
+    for concept, prompt in zip(concepts, prompts, strict=True):
+        count = count_tokens(prompt)
+        if count > limit:
+            too_long.append(f"{concept!r} ({count} tokens)")
+    if not too_long:
+        return
+    summary = (
+        f"{len(too_long)} concept(s) exceed the text limit of {limit} tokens of {model}, counting the "
+        f"start and end tokens: {', '.join(too_long)}"
+    )
+    if not truncate:
+        raise ConceptSetError(
+            f"{summary}. Shorten them, or set the dissector option truncate_long_concepts = true to truncate them"
+        )
+    logger.warning("%s. They are truncated to %d tokens before encoding.", summary, limit)
+
+
 def check_texts_before_encoding(loaded: LoadedDissector, concepts: list[str]) -> None:
     """Call the dissector's ``check_texts`` on all concepts at once, if it has one."""
     if loaded.check_texts is not None:

@@ -102,7 +102,7 @@ def test_preprocess_from_processor_config(clip_dir):
 def test_long_concept_rejected_or_truncated(clip_dir):
     long_concept = " ".join(["mass"] * 20)
     assert load(clip_dir).max_text_tokens == CONTEXT_LENGTH
-    with pytest.raises(ConceptSetError, match="context length of 16"):
+    with pytest.raises(ConceptSetError, match="text limit of 16 tokens"):
         load(clip_dir).check_texts([long_concept])
     truncating = load(clip_dir, truncate_long_concepts=True)
     truncating.check_texts([long_concept])

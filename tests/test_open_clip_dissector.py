@@ -338,7 +338,7 @@ def test_long_concept_is_rejected(tiny_files: dict[str, Any], probe_set: ProbeSe
         embed_and_compare(loaded, probe_set, [*CONCEPTS, long_concept], RUNTIME)
     message = str(caught.value)
     assert repr(long_concept) in message
-    assert f"context length of {CONTEXT_LENGTH}" in message
+    assert f"text limit of {CONTEXT_LENGTH} tokens" in message
     assert "truncate_long_concepts" in message
     assert "'mass'" not in message
 

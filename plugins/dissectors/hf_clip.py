@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import Field
 from pydantic import field_validator
 
-from mammo_dissect.core.errors import ConceptSetError
+from mammo_dissect.core.embedding import check_concept_lengths
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.hookspecs import Register
@@ -242,22 +242,10 @@ def make_loaded_dissector(
         return features_tensor(output)
 
     def check_texts(concepts: list[str]) -> None:
-        too_long = []
-        for concept, prompt in zip(concepts, to_prompts(concepts), strict=True):
-            count = len(tokenizer(prompt, truncation=False)["input_ids"])
-            if count > context_length:
-                too_long.append(f"{concept!r} ({count} tokens)")
-        if not too_long:
-            return
-        summary = (
-            f"{len(too_long)} concept(s) exceed the text context length of {context_length} tokens of the CLIP "
-            f"model in {options.model_dir!r}, counting the start and end tokens: {', '.join(too_long)}"
+        check_concept_lengths(
+            concepts, to_prompts(concepts), lambda prompt: len(tokenizer(prompt, truncation=False)["input_ids"]),
+            context_length, f"the CLIP model in {options.model_dir!r}", options.truncate_long_concepts,
         )
-        if not options.truncate_long_concepts:
-            raise ConceptSetError(
-                f"{summary}. Shorten them, or set the dissector option truncate_long_concepts = true to truncate them"
-            )
-        logger.warning("%s. They are truncated to %d tokens before encoding.", summary, context_length)
 
     def move_to(device: str) -> None:
         try:

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import Field
 from pydantic import field_validator
 
-from mammo_dissect.core.errors import ConceptSetError
+from mammo_dissect.core.embedding import check_concept_lengths
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.hookspecs import Register
@@ -342,22 +342,10 @@ def make_loaded_dissector(
             return sentence_embeddings(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
 
     def check_texts(concepts: list[str]) -> None:
-        too_long = []
-        for concept, prompt in zip(concepts, to_prompts(concepts), strict=True):
-            count = len(tokenizer(prompt, truncation=False)["input_ids"])
-            if count > MAX_TEXT_TOKENS:
-                too_long.append(f"{concept!r} ({count} tokens)")
-        if not too_long:
-            return
-        summary = (
-            f"{len(too_long)} concept(s) exceed Mammo-CLIP's text limit of {MAX_TEXT_TOKENS} tokens, counting "
-            f"[CLS] and [SEP]: {', '.join(too_long)}"
+        check_concept_lengths(
+            concepts, to_prompts(concepts), lambda prompt: len(tokenizer(prompt, truncation=False)["input_ids"]),
+            MAX_TEXT_TOKENS, "Mammo-CLIP's text encoder", options.truncate_long_concepts,
         )
-        if not options.truncate_long_concepts:
-            raise ConceptSetError(
-                f"{summary}. Shorten them, or set the dissector option truncate_long_concepts = true to truncate them"
-            )
-        logger.warning("%s. They are truncated to %d tokens before encoding.", summary, MAX_TEXT_TOKENS)
 
     def move_to(device: str) -> None:
         try:

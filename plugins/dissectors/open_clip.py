@@ -28,7 +28,7 @@ from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import field_validator
 
-from mammo_dissect.core.errors import ConceptSetError
+from mammo_dissect.core.embedding import check_concept_lengths
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.errors import UnknownNameError
@@ -540,25 +540,11 @@ def make_loaded_dissector(
             return model.encode_text(tokens.to(device_of_model()), normalize=False)
 
     def check_texts(concepts: list[str]) -> None:
-        too_long = []
-        for concept, prompt in zip(concepts, to_prompts(concepts), strict=True):
-            # The start and end tokens count against the context length.
-            count = len(tokenizer.encode(prompt)) + 2
-            if count > context_length:
-                too_long.append(f"{concept!r} ({count} tokens)")
-        if not too_long:
-            return
         where = f" after applying prompt_template {template!r}" if template else ""
-        summary = (
-            f"{len(too_long)} concept(s) exceed the text context length of {context_length} tokens of "
-            f"open_clip {options.architecture}{where}, counting the start and end tokens: {', '.join(too_long)}"
+        check_concept_lengths(
+            concepts, to_prompts(concepts), lambda prompt: len(tokenizer.encode(prompt)) + 2,
+            context_length, f"open_clip {options.architecture}{where}", options.truncate_long_concepts,
         )
-        if not options.truncate_long_concepts:
-            raise ConceptSetError(
-                f"{summary}. Shorten them, or set the dissector option truncate_long_concepts = true "
-                f"to truncate them"
-            )
-        logger.warning("%s. They are truncated to %d tokens before encoding.", summary, context_length)
 
     def move_to(device: str) -> None:
         try:
