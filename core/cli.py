@@ -530,6 +530,81 @@ def check_dissector_command(config: Path, overrides: tuple[str, ...], as_json: b
         logger.warning("no annotated concept of the probe set is in the concept set; nothing was checked")
 
 
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+@cli.command()
+@click.argument("database", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--run", "run_id", required=True, help="Run id (or a unique prefix).")
+def validate(database: Path, run_id: str) -> None:
+    """Measure label validity of a run: AUROC of each unit's activations for its label's annotated images.
+
+    Uses the run's own probe-set annotations as ground truth and stores the
+    results in unit_validity (summary view: layer_validity).
+    """
+    from mammo_dissect.core.store import Store
+    from mammo_dissect.core.validity import validate_run
+
+    with Store(database, read_only=True) as store:
+        run_id = store.resolve_run_id(run_id)
+    layers = validate_run(database, run_id, progress=_State.progress)
+    rows = [
+        (layer.layer, f"{layer.n_labels_checked}/{layer.n_units}", layer.n_auroc,
+         _number(layer.mean_auroc), _number(layer.share_above_half))
+        for layer in layers
+    ]
+    click.echo(f"run {run_id}: label validity (AUROC of a unit's activations for its label)")
+    click.echo(format_table(["layer", "labels checked", "with AUROC", "mean AUROC", "share > 0.5"], rows))
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a configuration value.")
+@click.option("--seeds", type=click.IntRange(min=1), default=10, show_default=True, help="Random dissectors (null).")
+@click.option("--shuffled", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Runs with the concept texts shuffled against their columns.")
+def chance(config: Path, overrides: tuple[str, ...], seeds: int, shuffled: int) -> None:
+    """Compare a run's mammography and distractor counts with chance (random dissectors, shuffled concepts)."""
+    from mammo_dissect.core.chance import chance_controls
+
+    report = chance_controls(_run_config(config, list(overrides)), seeds=seeds, shuffled_concepts=shuffled,
+                             progress=_State.progress)
+    click.echo(f"run {report.run_id}: counts per layer under each control (mean, 5th to 95th percentile)")
+    rows = []
+    for layer, controls in report.summary().items():
+        for control, values in controls.items():
+            mammography = values.get("n_mammography")
+            validity = values.get("mean_auroc")
+            rows.append((
+                layer, control,
+                f"{_number(mammography.mean, 1)} ({_number(mammography.p05, 1)} to {_number(mammography.p95, 1)})"
+                if mammography else "-",
+                f"{_number(validity.mean)} ({_number(validity.p05)} to {_number(validity.p95)})" if validity else "-",
+            ))
+    click.echo(format_table(["layer", "control", "units with mammography labels", "mean validity"], rows))
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a configuration value.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=20, show_default=True, help="Bootstrap resamples of the probe images.")
+@click.option("--noise", type=click.FloatRange(min=0), default=0.02, show_default=True,
+              help="Standard deviation of Gaussian noise on the normalised input (0 = none).")
+def stability(config: Path, overrides: tuple[str, ...], bootstrap: int, noise: float) -> None:
+    """Measure how often units' labels change under resampling, input noise and concept synonyms."""
+    from mammo_dissect.core.stability import stability as measure_stability
+
+    layers = measure_stability(_run_config(config, list(overrides)), bootstrap=bootstrap, noise=noise or None,
+                               progress=_State.progress)
+    rows = [
+        (layer.layer, layer.perturbation, layer.n_trials, _number(layer.mean_label_changed_share),
+         _number(layer.share_units_changed))
+        for layer in layers
+    ]
+    click.echo(format_table(["layer", "perturbation", "trials", "mean share changed", "units ever changed"], rows))
+
+
 def build_cli() -> click.Group:
     """Return the command group with plugin commands added."""
     from mammo_dissect.core.plugins import get_registry

@@ -393,7 +393,7 @@ def test_m001_store_readable_unchanged(own_database: Path) -> None:
 def test_m001_store_migrated_by_writer(own_database: Path) -> None:
     downgrade_to_m001(own_database)
     with Store(own_database) as store:
-        assert store.applied_migrations() == ["m001_initial", "m002_analyses"]
+        assert store.applied_migrations() == ["m001_initial", "m002_analyses", "m003_validity"]
     _, rows = read_only_query(own_database, "SELECT count(*) FROM unit_tops")
     assert rows == [(16,)]
 

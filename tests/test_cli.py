@@ -465,3 +465,27 @@ def test_report_compares_two_runs(tiny_config, tiny_registry, tmp_path, capsys):
     assert code == 0, err
     assert (tmp_path / "compare" / "index.html").is_file()
     assert (tmp_path / "compare" / "run-1" / "index.html").is_file()
+
+
+def test_validate_command(completed_run, capsys):
+    database, out = completed_run
+    run_id = out.split()[1]
+    code, out, err = run_main(["-q", "validate", str(database), "--run", run_id], capsys)
+    assert code == 0, err
+    assert "features.2" in out
+    assert "mean AUROC" in out
+
+
+def test_chance_command(tiny_config, tiny_registry, tmp_path, capsys):
+    config_path = write_toml(tmp_path / "r.toml", dict(tiny_config, permutations=0))
+    code, out, err = run_main(["-q", "chance", str(config_path), "--seeds", "2", "--shuffled", "1"], capsys)
+    assert code == 0, err
+    assert "random" in out
+    assert "shuffled_concepts" in out
+
+
+def test_stability_command(tiny_config, tiny_registry, tmp_path, capsys):
+    config_path = write_toml(tmp_path / "r.toml", dict(tiny_config, permutations=0))
+    code, out, err = run_main(["-q", "stability", str(config_path), "--bootstrap", "2", "--noise", "0.02"], capsys)
+    assert code == 0, err
+    assert "bootstrap" in out
