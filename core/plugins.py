@@ -43,6 +43,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "mammo_dissect.plugins.dissectors.open_clip",
     "mammo_dissect.plugins.dissectors.mammo_clip",
     "mammo_dissect.plugins.dissectors.hf_clip",
+    "mammo_dissect.plugins.dissectors.aligned",
     "mammo_dissect.plugins.dissectors.random_embeddings",
     "mammo_dissect.plugins.targets.mammo_clip",
     "mammo_dissect.plugins.targets.torchvision_models",
