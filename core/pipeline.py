@@ -40,6 +40,7 @@ from mammo_dissect.core.extraction import LayerActivations
 from mammo_dissect.core.extraction import ResolvedLayer
 from mammo_dissect.core.extraction import extract_activations
 from mammo_dissect.core.extraction import resolve_layers
+from mammo_dissect.core.fingerprint import probe_fingerprint
 from mammo_dissect.core.plugins import Registry
 from mammo_dissect.core.plugins import get_registry
 from mammo_dissect.core.results import ConceptRecord
@@ -764,7 +765,8 @@ def _model_records(plan: Plan) -> list[ModelRecord]:
 def image_records(probe_set: ProbeSet) -> tuple[list[ImageRecord], str]:
     """Hash every probe image and return the records and the probe-set fingerprint.
 
-    The fingerprint is the SHA-256 of the sorted (image id, file SHA-256) pairs.
+    The fingerprint is the SHA-256 of the sorted (image id, file SHA-256)
+    pairs and the probe set's preprocessing steps.
     """
     records = []
     for index, image in enumerate(probe_set.images):
@@ -782,8 +784,7 @@ def image_records(probe_set: ProbeSet) -> tuple[list[ImageRecord], str]:
                 annotations=list(image.annotations),
             )
         )
-    pairs = sorted((record.image_id, record.sha256) for record in records)
-    fingerprint = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+    fingerprint = probe_fingerprint(probe_set, {record.image_id: record.sha256 for record in records})
     return records, fingerprint
 
 
