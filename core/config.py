@@ -100,6 +100,9 @@ class RunConfig(Section):
     executor: PluginChoice = Field(default_factory=lambda: PluginChoice(name="local"))
     #: Extra memory one similarity call may use when it scores from embeddings, in MiB.
     similarity_memory_mib: StrictInt = Field(default=1024, ge=16)
+    #: What to do with images whose activations contain NaN or Inf: stop the run ("fail")
+    #: or leave those images out of scoring and record them ("drop").
+    nonfinite: Literal["fail", "drop"] = "fail"
     #: Precision of the target's forward passes: "float32" or mixed "bfloat16" (autocast).
     precision: Literal["float32", "bfloat16"] = "float32"
     cache_dir: Path = DEFAULT_CACHE_DIR

@@ -320,7 +320,8 @@ def _extract_from(
                         f"choose a layer the model's forward() uses"
                     )
                 values = values.cpu().numpy()
-                check_finite_batch(values, layer.name, probe_set, start)
+                if not runtime.allow_nonfinite:
+                    check_finite_batch(values, layer.name, probe_set, start)
                 if layer.name not in arrays:
                     arrays[layer.name] = np.lib.format.open_memmap(
                         paths[layer.name], mode="w+", dtype=np.float32, shape=(n_images, values.shape[1])

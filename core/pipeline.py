@@ -37,6 +37,7 @@ from mammo_dissect.core.errors import MammoDissectError
 from mammo_dissect.core.errors import ProbeSetError
 from mammo_dissect.core.errors import Terminated
 from mammo_dissect.core.extraction import LayerActivations
+from mammo_dissect.core.extraction import NonFiniteActivationError
 from mammo_dissect.core.extraction import ResolvedLayer
 from mammo_dissect.core.extraction import extract_activations
 from mammo_dissect.core.extraction import resolve_layers
@@ -167,6 +168,7 @@ def prepare(
         cache=cache,
         probe_fingerprint=fingerprint,
         precision=config.precision,
+        allow_nonfinite=config.nonfinite == "drop",
     )
     return Plan(
         config=config,
@@ -238,6 +240,46 @@ def check_device(device: str) -> None:
         )
 
 
+def torch_index(rows: np.ndarray) -> torch.Tensor:
+    import torch
+
+    return torch.from_numpy(np.asarray(rows, dtype=np.int64))
+
+
+def finite_images(plan: Plan, layer_activations: list[LayerActivations]) -> np.ndarray:
+    """Return the indices of probe images whose activations are finite in every layer.
+
+    With ``nonfinite = "fail"`` any other image stops the run with its id
+    and layer; with ``"drop"`` those images are left out of scoring and
+    logged (their ids are stored with the run).
+    """
+    finite = np.ones(len(plan.probe_set), dtype=bool)
+    for activations in layer_activations:
+        array = activations.load()
+        bad = ~np.isfinite(array).all(axis=1)
+        if bad.any() and plan.config.nonfinite == "fail":
+            ids = [plan.images[int(index)].image_id for index in np.nonzero(bad)[0][:10]]
+            raise NonFiniteActivationError(
+                f"layer {activations.layer.name!r} has NaN or Inf activations for {int(bad.sum())} image(s): "
+                f"{', '.join(ids)}; check those images and the model weights, or set nonfinite = \"drop\""
+            )
+        finite &= ~bad
+    dropped = np.nonzero(~finite)[0]
+    if len(dropped):
+        ids = [plan.images[int(index)].image_id for index in dropped[:20]]
+        logger.warning(
+            "left out %d image(s) with NaN or Inf activations (nonfinite = \"drop\"): %s",
+            len(dropped), ", ".join(ids),
+        )
+    keep = np.nonzero(finite)[0]
+    needed = max(plan.config.top_k_images, plan.similarity.min_images(plan.similarity_params) if plan.similarity.min_images else 1)
+    if len(keep) < needed:
+        raise NonFiniteActivationError(
+            f"only {len(keep)} image(s) have finite activations, fewer than the {needed} the run needs"
+        )
+    return keep
+
+
 @dataclass
 class ConceptEvidence:
     """What the dissector produced: P itself, or the embeddings whose product is P."""
@@ -245,6 +287,17 @@ class ConceptEvidence:
     P: torch.Tensor | None = None
     image_embeddings: torch.Tensor | None = None
     text_embeddings: torch.Tensor | None = None
+
+    def restricted_to(self, rows: np.ndarray) -> ConceptEvidence:
+        """Return the evidence for the probe images ``rows`` only (all of them: no copy)."""
+        if self.P is not None and len(rows) == self.P.shape[0]:
+            return self
+        if self.P is None and self.image_embeddings is not None and len(rows) == self.image_embeddings.shape[0]:
+            return self
+        index = torch_index(rows)
+        if self.P is not None:
+            return ConceptEvidence(P=self.P[index])
+        return ConceptEvidence(image_embeddings=self.image_embeddings[index], text_embeddings=self.text_embeddings)
 
     def score(self, plan: Plan, A: torch.Tensor) -> torch.Tensor:
         """Return S for activations A with the plan's similarity function."""
@@ -670,7 +723,8 @@ def execute(plan: Plan) -> RunResults:
     )
     layer_activations = cached_activations(plan)
     plan.activation_files = {activations.layer.name: activations.path for activations in layer_activations}
-    evidence = concept_evidence(plan)
+    keep = finite_images(plan, layer_activations)
+    evidence = concept_evidence(plan).restricted_to(keep)
 
     columns: dict[str, list[np.ndarray]] = {}
     layer_records = []
@@ -679,7 +733,9 @@ def execute(plan: Plan) -> RunResults:
     for layer_id, activations in enumerate(
         tqdm(layer_activations, desc="scoring layers", unit="layer", disable=not plan.runtime.progress)
     ):
-        tables, null_stats = score_layer(plan, evidence, activations.load(), layer_id, config.seed + layer_id)
+        tables, null_stats = score_layer(plan, evidence, activations.load()[keep], layer_id, config.seed + layer_id)
+        # Scoring saw only the kept images: map their row numbers back to probe-set indices.
+        tables["image_index"] = keep[tables["image_index"]].astype(np.int32)
         for key, value in tables.items():
             columns.setdefault(key, []).append(value)
         layer_records.append(_layer_record(layer_id, activations, config.target.pooling, null_stats))
@@ -705,7 +761,10 @@ def execute(plan: Plan) -> RunResults:
             for index, c in enumerate(plan.concepts.concepts)
         ],
         units=units,
-        extra={"probe_decoding": plan.probe_set.decoding},
+        extra={
+            "probe_decoding": plan.probe_set.decoding,
+            "dropped_images": [plan.images[index].image_id for index in np.setdiff1d(np.arange(len(plan.images)), keep)],
+        },
         activation_maps=maps,
     )
 

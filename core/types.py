@@ -223,6 +223,8 @@ class Runtime:
     probe_fingerprint: str = ""
     #: "float32", or "bfloat16" for mixed-precision forward passes (torch.autocast).
     precision: str = "float32"
+    #: Keep extracting when activations are NaN or Inf (the pipeline then drops those images).
+    allow_nonfinite: bool = False
 
 
 class Dissector(Plugin):

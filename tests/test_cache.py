@@ -231,3 +231,39 @@ def test_nan_activations_stop_run(tiny_config, tiny_registry, monkeypatch):
     with duckdb.connect(tiny_config["database"], read_only=True) as con:
         assert con.execute("SELECT status FROM runs").fetchall() == [("failed",)]
         assert con.execute("SELECT count(*) FROM unit_labels").fetchone()[0] == 0
+
+
+def test_nan_images_dropped_when_configured(tiny_config, tiny_registry, monkeypatch):
+    import json
+
+    from mammo_dissect.tests import tiny_plugins
+
+    original = tiny_plugins.build_tiny_cnn
+
+    def nan_cnn(seed: int = 0):
+        model = original(seed)
+        conv = model.features[0]
+        forward = conv.forward
+
+        def poisoned(x):
+            out = forward(x)
+            if x.shape[0] > 1:
+                out[1] = float("nan")  # the second image of every batch of 7
+            return out
+
+        conv.forward = poisoned
+        return model
+
+    monkeypatch.setattr(tiny_plugins, "build_tiny_cnn", nan_cnn)
+    outcome = run_tiny(dict(tiny_config, nonfinite="drop"), tiny_registry)
+    with duckdb.connect(str(outcome.database), read_only=True) as con:
+        status, extra = con.execute("SELECT status, extra FROM runs").fetchone()
+        top_ids = {row[0] for row in con.execute(
+            "SELECT p.image_id FROM unit_top_images t JOIN probe_images p USING (run_id, image_index)"
+        ).fetchall()}
+        finite_scores = con.execute("SELECT count(*) FROM unit_labels WHERE NOT isfinite(score)").fetchone()[0]
+    dropped = set(json.loads(extra)["dropped_images"])
+    assert status == "completed"
+    assert dropped == {"img001", "img008", "img015", "img022", "img029", "img036"}
+    assert not dropped & top_ids
+    assert finite_scores == 0
