@@ -123,3 +123,42 @@ def test_broken_toml_is_config_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(MammoDissectError):
         read_toml(path)
+
+
+csv_cells = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=15)
+
+
+@FUZZ
+@given(
+    header=st.lists(st.sampled_from(["image", "id", "patient", "view", "finding", "x", ""]), min_size=1, max_size=5),
+    rows=st.lists(st.lists(csv_cells, min_size=0, max_size=6), max_size=6),
+    image_column=st.sampled_from(["image", "id", "missing"]),
+)
+def test_random_csv_manifest(tmp_path_factory, header, rows, image_column):
+    """A generic CSV manifest with random content either loads or raises one library error."""
+    import csv
+
+    from mammo_dissect.plugins.probe_sets.manifest import CsvManifestReader
+
+    root = tmp_path_factory.mktemp("manifest")
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(root / "a.png")
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    options = {
+        "root": str(root),
+        "csv": str(manifest),
+        "image_column": image_column,
+        "columns": {"patient_id": "patient", "view": "view"},
+        "annotations": {"finding": {"mass": "mass"}},
+    }
+    try:
+        probe = CsvManifestReader().load(CsvManifestReader.Options.model_validate(options))
+    except MammoDissectError:
+        return
+    for image in probe.images:
+        assert image.path.resolve().is_relative_to(root.resolve())
