@@ -4,7 +4,9 @@ A single-run report is a folder of static files.  ``index.html`` has the run
 summary and the per-layer analyses (inline SVG charts).  Each layer gets one or
 more pages with a table of its units.  ``images/`` has PNG thumbnails of the
 probe images, and ``overlays/`` has thumbnails with the unit's activation map
-overlaid where the store has maps.  A comparison report has the
+overlaid where the store has maps.  Where the store has label validity,
+chance-control or stability results (see ``docs/validity.md``), the index and
+the layer pages show them too.  A comparison report has the
 comparison in ``index.html`` and one single-run report per run in
 ``run-1/``, ``run-2/``, ...  Pages use inline CSS, inline SVG and a few lines of
 optional inline script, and load nothing from the network, so they open
@@ -49,6 +51,14 @@ MISSING_IMAGES_LISTED = 5
 LABEL_CHANGES_LISTED = 500
 #: Table of per-unit activation maps (see ``docs/schema.md``); the report reads it where it exists.
 ACTIVATION_MAP_TABLE = "unit_activation_maps"
+#: Controls of ``chance_counts`` in the order the chance table lists them.  Other controls follow by name.
+CONTROL_ORDER = ("observed", "annotation", "random", "shuffled_concepts")
+#: Perturbations of ``unit_stability`` in the order of the unit table's columns.  Others follow by name.
+PERTURBATION_ORDER = ("bootstrap", "noise", "synonyms")
+#: Control whose 5th to 95th percentile of the mammography share is shaded in the share chart.
+BAND_CONTROL = "random"
+#: Concepts listed per control in the table of concepts that win most often under the null.
+NULL_WINS_LISTED = 10
 
 
 @dataclass
@@ -74,10 +84,13 @@ def format_number(value: Any, digits: int = 3) -> str:
 
 
 def format_percent(value: Any) -> str:
-    """Format a share in [0, 1] as a percentage; None becomes an en dash."""
+    """Format a share in [0, 1] as a percentage; None and NaN become an en dash."""
     if value is None:
         return "\u2013"
-    return f"{100.0 * float(value):.1f} %"
+    number = float(value)
+    if math.isnan(number):
+        return "\u2013"
+    return f"{100.0 * number:.1f} %"
 
 
 def format_timestamp(value: Any, missing: str = "\u2013") -> str:
@@ -357,6 +370,163 @@ def write_overlay(
     return Thumbnail(f"{OVERLAY_FOLDER}/{name}", thumbnail.width, thumbnail.height)
 
 
+# ---------------------------------------------------------------- validity, chance and stability
+
+
+def _has_relation(store: Store, name: str) -> bool:
+    """Return whether the store has a table or view ``name`` in its main schema.
+
+    Databases written before schema migration ``m003_validity`` and opened
+    read-only have none of the validity, chance and stability tables.
+    """
+    if _has_table(store, name):
+        return True
+    _, rows = store.query(
+        "SELECT count(*) FROM duckdb_views() WHERE view_name = ? AND schema_name = 'main'", [name]
+    )
+    return bool(rows[0][0])
+
+
+def _ordered(names: set[str], order: Sequence[str]) -> list[str]:
+    """Sort ``names`` by their position in ``order``, followed by the names not in it, alphabetically."""
+    return sorted(names, key=lambda name: (order.index(name) if name in order else len(order), name))
+
+
+def _layer_validity(store: Store, run_id: str) -> dict[int, dict[str, Any]]:
+    """Return the ``layer_validity`` row of each layer of the run that has one."""
+    if not _has_relation(store, "layer_validity"):
+        return {}
+    rows = _rows(
+        store,
+        "SELECT layer_id, n_labels_checked, n_auroc, mean_auroc, share_above_half "
+        "FROM layer_validity WHERE run_id = ?",
+        [run_id],
+    )
+    return {row["layer_id"]: row for row in rows}
+
+
+def _perturbations(store: Store, run_id: str) -> list[str]:
+    """Return the perturbations that ``unit_stability`` has rows of for the run."""
+    if not _has_relation(store, "unit_stability"):
+        return []
+    _, rows = store.query("SELECT DISTINCT perturbation FROM unit_stability WHERE run_id = ?", [run_id])
+    return _ordered({row[0] for row in rows}, PERTURBATION_ORDER)
+
+
+def _attach_unit_trust(
+    store: Store, run_id: str, layer_id: int, units: list[dict[str, Any]], perturbations: list[str]
+) -> None:
+    """Add each unit's validity row (or None) and its label-changed share per perturbation to ``units``."""
+    validity: dict[int, dict[str, Any]] = {}
+    if _has_relation(store, "unit_validity"):
+        rows = _rows(
+            store,
+            """
+            SELECT v.unit, v.auroc, v.n_positive, v.n_negative, c.text AS concept
+            FROM unit_validity AS v
+            LEFT JOIN concepts AS c ON c.run_id = v.run_id AND c.concept_id = v.concept_id
+            WHERE v.run_id = ? AND v.layer_id = ?
+            """,
+            [run_id, layer_id],
+        )
+        validity = {row["unit"]: row for row in rows}
+    shares: dict[tuple[int, str], float | None] = {}
+    if perturbations:
+        _, rows = store.query(
+            "SELECT unit, perturbation, label_changed_share FROM unit_stability WHERE run_id = ? AND layer_id = ?",
+            [run_id, layer_id],
+        )
+        shares = {(unit, perturbation): share for unit, perturbation, share in rows}
+    for unit in units:
+        unit["validity"] = validity.get(unit["unit"])
+        unit["stability"] = [shares.get((unit["unit"], perturbation)) for perturbation in perturbations]
+
+
+def _chance_summary(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """Return per layer and control the trials' mean mammography count, its 5th and 95th percentiles and mean validity."""
+    if not (_has_relation(store, "chance_summary") and _has_relation(store, "chance_counts")):
+        return []
+    # chance_summary has percentiles of the validity only, so the count's
+    # percentiles come from chance_counts.
+    rows = _rows(
+        store,
+        """
+        SELECT s.layer_id, s.layer, s.control, s.n_trials, s.mean_n_mammography, s.mean_auroc,
+               q.n_units, q.p05_n_mammography, q.p95_n_mammography
+        FROM chance_summary AS s
+        JOIN (
+            SELECT layer_id, control, max(n_units) AS n_units,
+                   quantile_cont(n_mammography, 0.05) AS p05_n_mammography,
+                   quantile_cont(n_mammography, 0.95) AS p95_n_mammography
+            FROM chance_counts
+            WHERE run_id = ?
+            GROUP BY layer_id, control
+        ) AS q ON q.layer_id = s.layer_id AND q.control = s.control
+        WHERE s.run_id = ?
+        """,
+        [run_id, run_id],
+    )
+    order = _ordered({row["control"] for row in rows}, CONTROL_ORDER)
+    return sorted(rows, key=lambda row: (row["layer_id"], order.index(row["control"])))
+
+
+def _null_wins(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """Return per control the concepts with the highest ``wins / trials`` in ``concept_null_wins``."""
+    if not _has_relation(store, "concept_null_wins"):
+        return []
+    rows = _rows(
+        store,
+        """
+        SELECT w.control, w.concept_id, c.text AS concept, c.category, w.wins, w.trials,
+               w.wins / nullif(w.trials, 0) AS win_share
+        FROM concept_null_wins AS w
+        LEFT JOIN concepts AS c ON c.run_id = w.run_id AND c.concept_id = w.concept_id
+        WHERE w.run_id = ? AND w.wins > 0
+        QUALIFY row_number() OVER (
+            PARTITION BY w.control ORDER BY win_share DESC NULLS LAST, w.wins DESC, w.concept_id
+        ) <= ?
+        """,
+        [run_id, NULL_WINS_LISTED],
+    )
+    order = _ordered({row["control"] for row in rows}, CONTROL_ORDER)
+    return sorted(
+        rows,
+        key=lambda row: (
+            order.index(row["control"]),
+            -(row["win_share"] if row["win_share"] is not None else -1.0),
+            -row["wins"],
+            row["concept_id"],
+        ),
+    )
+
+
+def _chance_bands(store: Store, run_ids: list[str]) -> dict[tuple[str, str], tuple[float, float]]:
+    """Return by (run id, layer name) the 5th and 95th percentiles of the ``random`` control's mammography share.
+
+    The share is ``n_mammography / n_units`` of one trial, over all of the
+    layer's units, as the chance controls do not apply the pass threshold.
+    """
+    if not run_ids or not _has_relation(store, "chance_counts"):
+        return {}
+    placeholders = ", ".join("?" for _ in run_ids)
+    _, rows = store.query(
+        f"""
+        SELECT run_id, layer,
+               quantile_cont(n_mammography / nullif(n_units, 0), 0.05) AS low,
+               quantile_cont(n_mammography / nullif(n_units, 0), 0.95) AS high
+        FROM chance_counts
+        WHERE control = ? AND run_id IN ({placeholders})
+        GROUP BY run_id, layer
+        """,
+        [BAND_CONTROL, *run_ids],
+    )
+    return {
+        (run_id, layer): (float(low), float(high))
+        for run_id, layer, low, high in rows
+        if low is not None and high is not None
+    }
+
+
 # ---------------------------------------------------------------- analyses overview
 
 
@@ -432,6 +602,17 @@ def build_overview(
             for label, run in zip(labels, runs)
         ],
     )
+    chance_bands = _chance_bands(store, run_ids)
+    bands = [
+        {
+            "name": f"{label}: {BAND_CONTROL} control, 5th\u201395th percentile",
+            "colour": run["colour"],
+            "low": [chance_bands.get((run["run_id"], name), (None, None))[0] for name in layer_names],
+            "high": [chance_bands.get((run["run_id"], name), (None, None))[1] for name in layer_names],
+        }
+        for label, run in zip(labels, runs)
+        if any(run_id == run["run_id"] for run_id, _ in chance_bands)
+    ]
     share_chart = line_chart(
         layer_names,
         [
@@ -440,6 +621,7 @@ def build_overview(
         ],
         y_range=(0.0, 1.0),
         value_format="{:.1%}",
+        bands=bands,
     )
     colours = category_colours(sorted({row["broad_category"] for row in broad}, key=lambda c: (c is None, c or "")))
     counts: dict[tuple[str, str], list[tuple[str | None, int]]] = {}
@@ -468,6 +650,7 @@ def build_overview(
         "layer_rows": layer_rows,
         "mean_chart": mean_chart,
         "share_chart": share_chart,
+        "band_control": BAND_CONTROL if bands else None,
         "category_chart": category_chart,
         "coverage_rows": sorted(
             coverage_rows.values(), key=lambda row: (row["broad_category"] is None, row["broad_category"] or "", row["category"] or "")
@@ -529,8 +712,12 @@ def _render_run(
         layer["layer_id"]: _layer_units(store, full_id, layer, top_concepts, thumbnails, out_dir)
         for layer in layers
     }
+    validity = _layer_validity(store, full_id)
+    perturbations = _perturbations(store, full_id)
     for layer in layers:
         layer["pages"] = _pages(layer, len(layer_units[layer["layer_id"]]), units_per_page)
+        layer["validity"] = validity.get(layer["layer_id"])
+        _attach_unit_trust(store, full_id, layer["layer_id"], layer_units[layer["layer_id"]], perturbations)
 
     own = {"run_id": full_id, "number": 1, "colour": run_colour(0), "name": run.get("name")}
     links = {(full_id, layer["name"]): layer["pages"][0]["file"] for layer in layers}
@@ -547,6 +734,11 @@ def _render_run(
         "stored_concepts": stored_top_n,
         "overview": overview,
         "comparison_link": comparison_link,
+        "has_validity": bool(validity),
+        "perturbations": perturbations,
+        "chance_rows": _chance_summary(store, full_id),
+        "null_wins": _null_wins(store, full_id),
+        "null_wins_listed": NULL_WINS_LISTED,
     }
 
     index = out_dir / "index.html"

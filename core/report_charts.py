@@ -1,4 +1,4 @@
-"""Geometry of the report's SVG charts: line charts and stacked bar charts.
+"""Geometry of the report's SVG charts: line charts with optional shaded bands, and stacked bar charts.
 
 These functions turn data into pixel coordinates; the Jinja macros in
 ``reports/templates/_charts.html`` draw them as inline SVG, so the report needs
@@ -31,6 +31,8 @@ MARGIN_LEFT = 56
 MARGIN_RIGHT = 16
 MARGIN_TOP = 16
 MARGIN_BOTTOM = 64
+#: Half the width, in SVG user units, of a band drawn at a single x position.
+BAND_HALF_WIDTH = 6.0
 
 
 def run_colour(index: int) -> str:
@@ -87,17 +89,24 @@ def line_chart(
     width: int = 640,
     height: int = 300,
     value_format: str = "{:.3f}",
+    bands: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Lay out a line chart with one point per x label and one line per series.
 
     :param series: dicts with ``name``, ``colour`` and ``values`` (one float
         or None per x label); a None breaks the line.
     :param y_range: fixed y axis limits; default: the data range, rounded to ticks.
+    :param bands: shaded ranges drawn behind the lines: dicts with ``name``,
+        ``colour``, ``low`` and ``high`` (one float or None per x label).  An x
+        label where either bound is None breaks the band.
     :returns: a dict for the ``line_chart`` macro: ``width``, ``height``, the
-        plot box, ``x_ticks``, ``y_ticks`` and ``lines`` with ``segments``
-        (SVG ``points`` strings) and ``points`` (x, y and a tooltip).
+        plot box, ``x_ticks``, ``y_ticks``, ``lines`` with ``segments``
+        (SVG ``points`` strings) and ``points`` (x, y and a tooltip), and
+        ``bands`` with ``polygons`` (SVG ``points`` strings).
     """
     values = [value for line in series for value in line["values"] if value is not None and math.isfinite(value)]
+    for band in bands:
+        values.extend(value for value in (*band["low"], *band["high"]) if value is not None and math.isfinite(value))
     if y_range is not None:
         ticks = nice_ticks(*y_range)
         low, high = y_range
@@ -134,6 +143,15 @@ def line_chart(
         if current:
             segments.append(" ".join(current))
         lines.append({"name": line["name"], "colour": line["colour"], "segments": segments, "points": points})
+
+    laid_out_bands = []
+    for band in bands:
+        polygons = []
+        for run in _finite_runs(band["low"], band["high"]):
+            xs = [x_of(index) for index, _, _ in run]
+            ys = [(y_of(low), y_of(high)) for _, low, high in run]
+            polygons.append(_band_polygon(xs, ys))
+        laid_out_bands.append({"name": band["name"], "colour": band["colour"], "polygons": polygons})
     return {
         "width": width,
         "height": height,
@@ -141,7 +159,39 @@ def line_chart(
         "x_ticks": [{"x": x_of(index), "label": label} for index, label in enumerate(x_labels)],
         "y_ticks": [{"y": y_of(tick), "label": format_tick(tick)} for tick in ticks if low <= tick <= high],
         "lines": lines,
+        "bands": laid_out_bands,
     }
+
+
+def _finite_runs(
+    lows: Sequence[float | None], highs: Sequence[float | None]
+) -> list[list[tuple[int, float, float]]]:
+    """Split the x positions where both bounds are finite into runs of consecutive positions."""
+    runs: list[list[tuple[int, float, float]]] = []
+    current: list[tuple[int, float, float]] = []
+    for index, (low, high) in enumerate(zip(lows, highs)):
+        if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+            if current:
+                runs.append(current)
+            current = []
+            continue
+        current.append((index, low, high))
+    if current:
+        runs.append(current)
+    return runs
+
+
+def _band_polygon(xs: Sequence[float], ys: Sequence[tuple[float, float]]) -> str:
+    """Return the SVG ``points`` of a band: along the upper bound, then back along the lower one.
+
+    A band at a single x position becomes a narrow rectangle, so that it stays visible.
+    """
+    if len(xs) == 1:
+        xs = [xs[0] - BAND_HALF_WIDTH, xs[0] + BAND_HALF_WIDTH]
+        ys = [ys[0], ys[0]]
+    upper = [f"{round(x, 1)},{high}" for x, (_, high) in zip(xs, ys)]
+    lower = [f"{round(x, 1)},{low}" for x, (low, _) in zip(reversed(xs), reversed(ys))]
+    return " ".join(upper + lower)
 
 
 def stacked_bar_chart(
