@@ -628,6 +628,26 @@ def align_train(config: Path, out_dir: Path) -> None:
     click.echo(f'use it with: [dissector] name = "aligned" options = {{ card = "{card}" }}')
 
 
+@cli.command(name="mask-iou")
+@click.argument("database", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--run", "run_id", required=True, help="Run id (or a unique prefix) on a probe set with masks.")
+@click.option("--quantile", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.995,
+              show_default=True, help="Activation quantile above which a unit counts as active (NetDissect uses 0.995).")
+def mask_iou(database: Path, run_id: str, quantile: float) -> None:
+    """Score each unit against segmentation masks: IoU of its thresholded activation map with each concept mask."""
+    from mammo_dissect.core.mask_dissection import mask_iou_run
+
+    layers = mask_iou_run(database, run_id, quantile=quantile, progress=_State.progress)
+    for layer in layers:
+        best = ", ".join(f"{concept} {count}" for concept, count in sorted(layer["best_concept_units"].items()))
+        click.echo(
+            f"layer {layer['layer']}: {layer['n_units']} units over {layer['n_images']} images, mean best IoU "
+            f"{layer['mean_best_iou']:.3f}, {layer['n_units_above_cut']} above {layer['iou_cut']} "
+            f"(NetDissect's detector cut); best: {best}"
+        )
+    click.echo(f"stored in {database}: table unit_mask_iou, view top_mask_labels")
+
+
 def build_cli() -> click.Group:
     """Return the command group with plugin commands added."""
     from mammo_dissect.core.plugins import get_registry

@@ -678,12 +678,55 @@ def m003_validity(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"CREATE {kind} {body}")
 
 
+def m004_mask_iou(con: duckdb.DuckDBPyConnection) -> None:
+    """Add the table of per-unit mask IoU with segmentation concepts, and the view of each unit's best concept.
+
+    ``unit_mask_iou`` has one row per unit and mask concept: the summed
+    intersection over summed union of the unit's binarised maps (``map >
+    threshold``, the activation ``quantile`` over the probe set) with the
+    concept's masks (see :mod:`mammo_dissect.core.mask_dissection`).
+    ``top_mask_labels`` keeps each unit's row with the highest IoU, ties
+    broken by concept text.
+    """
+    con.execute(
+        """
+        CREATE TABLE unit_mask_iou (
+            run_id VARCHAR,
+            layer_id INTEGER,
+            unit INTEGER,
+            concept VARCHAR,
+            iou DOUBLE,
+            threshold DOUBLE,
+            quantile DOUBLE
+        )
+        """
+    )
+    con.execute(
+        """
+        CREATE VIEW top_mask_labels AS
+        SELECT
+            m.run_id,
+            m.layer_id,
+            l.name AS layer,
+            m.unit,
+            m.concept,
+            m.iou,
+            m.threshold,
+            m.quantile
+        FROM unit_mask_iou AS m
+        JOIN layers AS l ON l.run_id = m.run_id AND l.layer_id = m.layer_id
+        QUALIFY row_number() OVER (PARTITION BY m.run_id, m.layer_id, m.unit ORDER BY m.iou DESC, m.concept) = 1
+        """
+    )
+
+
 #: Schema migrations in the order they are applied.  Append new ones, and
 #: never edit or reorder a migration that has been released.
 MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
     m001_initial,
     m002_analyses,
     m003_validity,
+    m004_mask_iou,
 )
 
 
@@ -1187,13 +1230,15 @@ class Store:
                 m002_analyses.__name__,
             )
             pending.remove(m002_analyses.__name__)
-        if pending == [m003_validity.__name__]:
-            # Validity, chance and stability results are written by a writer,
-            # which applies the migration; readers see those tables as absent.
+        optional = {m003_validity.__name__, m004_mask_iou.__name__}
+        if pending and set(pending) <= optional:
+            # These migrations only add tables of results that a writer stores
+            # later (validity, chance, stability, mask IoU), so readers of an
+            # older file see those tables as absent.
             logger.info(
-                "results database %s lacks schema migration %s: it has no validity, chance or stability tables",
+                "results database %s lacks schema migration(s) %s: it has none of their result tables",
                 self.path,
-                m003_validity.__name__,
+                ", ".join(pending),
             )
             return
         if pending:

@@ -17,6 +17,7 @@ from mammo_dissect.core import analyses
 from mammo_dissect.core.analyses import ComparisonError
 from mammo_dissect.core.errors import UnknownNameError
 from mammo_dissect.core.store import ANALYSIS_OBJECTS
+from mammo_dissect.core.store import MIGRATIONS
 from mammo_dissect.core.store import Store
 from mammo_dissect.core.store import read_only_query
 from mammo_dissect.tests.analysis_fixtures import HOSTILE_CONCEPT
@@ -393,7 +394,7 @@ def test_m001_store_readable_unchanged(own_database: Path) -> None:
 def test_m001_store_migrated_by_writer(own_database: Path) -> None:
     downgrade_to_m001(own_database)
     with Store(own_database) as store:
-        assert store.applied_migrations() == ["m001_initial", "m002_analyses", "m003_validity"]
+        assert store.applied_migrations() == [migration.__name__ for migration in MIGRATIONS]
     _, rows = read_only_query(own_database, "SELECT count(*) FROM unit_tops")
     assert rows == [(16,)]
 
