@@ -191,66 +191,59 @@ def layer_categories(database: Database, run_ids: Sequence[str]) -> list[dict[st
         )
 
 
+def _macro_rows(
+    database: Database, run_ids: Sequence[str], threshold: str, alpha: float | None, macro: str, order_by: str
+) -> list[dict[str, Any]]:
+    """Call a threshold-aware table macro for ``run_ids`` and return its rows in ``order_by`` order.
+
+    ``order_by`` uses ``list_position(?::VARCHAR[], run_id)`` once, to keep the runs in the order given.
+    """
+    _check_threshold(threshold, alpha)
+    with open_store(database) as store:
+        full_ids = resolve_run_ids(store, run_ids)
+        return _rows(store, f"SELECT * FROM {_macro_call(macro)} {order_by}", [full_ids, threshold, alpha, full_ids])
+
+
 def passing_units(
     database: Database, run_ids: Sequence[str], threshold: str = "global", alpha: float | None = None
 ) -> list[dict[str, Any]]:
     """Return every unit of the runs with its threshold and whether it passes (``passes``)."""
-    _check_threshold(threshold, alpha)
-    with open_store(database) as store:
-        full_ids = resolve_run_ids(store, run_ids)
-        return _rows(
-            store,
-            f"SELECT * FROM {_macro_call('passing_units')} "
-            "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id, unit",
-            [full_ids, threshold, alpha, full_ids],
-        )
+    return _macro_rows(
+        database, run_ids, threshold, alpha, "passing_units",
+        "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id, unit",
+    )
 
 
 def passing_layer_summary(
     database: Database, run_ids: Sequence[str], threshold: str = "global", alpha: float | None = None
 ) -> list[dict[str, Any]]:
     """Return per run and layer: passing units and how many of them are mammography, non-mammography, unknown."""
-    _check_threshold(threshold, alpha)
-    with open_store(database) as store:
-        full_ids = resolve_run_ids(store, run_ids)
-        return _rows(
-            store,
-            f"SELECT * FROM {_macro_call('passing_layer_summary')} "
-            "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id",
-            [full_ids, threshold, alpha, full_ids],
-        )
+    return _macro_rows(
+        database, run_ids, threshold, alpha, "passing_layer_summary",
+        "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id",
+    )
 
 
 def passing_broad_categories(
     database: Database, run_ids: Sequence[str], threshold: str = "global", alpha: float | None = None
 ) -> list[dict[str, Any]]:
     """Return per run and layer the broad categories of passing units, most frequent first."""
-    _check_threshold(threshold, alpha)
-    with open_store(database) as store:
-        full_ids = resolve_run_ids(store, run_ids)
-        return _rows(
-            store,
-            f"SELECT * FROM {_macro_call('passing_broad_categories')} "
-            "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id, category_rank, "
-            "broad_category NULLS LAST",
-            [full_ids, threshold, alpha, full_ids],
-        )
+    return _macro_rows(
+        database, run_ids, threshold, alpha, "passing_broad_categories",
+        "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id, category_rank, "
+        "broad_category NULLS LAST",
+    )
 
 
 def passing_categories(
     database: Database, run_ids: Sequence[str], threshold: str = "global", alpha: float | None = None
 ) -> list[dict[str, Any]]:
     """Return per run and layer the number of passing units per broad category and category."""
-    _check_threshold(threshold, alpha)
-    with open_store(database) as store:
-        full_ids = resolve_run_ids(store, run_ids)
-        return _rows(
-            store,
-            f"SELECT * FROM {_macro_call('passing_categories')} "
-            "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id, n_units DESC, "
-            "broad_category NULLS LAST, category NULLS LAST",
-            [full_ids, threshold, alpha, full_ids],
-        )
+    return _macro_rows(
+        database, run_ids, threshold, alpha, "passing_categories",
+        "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id, n_units DESC, "
+        "broad_category NULLS LAST, category NULLS LAST",
+    )
 
 
 # ---------------------------------------------------------------- two runs
@@ -312,30 +305,20 @@ def concept_coverage(
     database: Database, run_ids: Sequence[str], threshold: str = "global", alpha: float | None = None
 ) -> list[dict[str, Any]]:
     """Return every concept of each run with the number of passing units it labels (0 = never)."""
-    _check_threshold(threshold, alpha)
-    with open_store(database) as store:
-        full_ids = resolve_run_ids(store, run_ids)
-        return _rows(
-            store,
-            f"SELECT * FROM {_macro_call('concept_coverage')} "
-            "ORDER BY list_position(?::VARCHAR[], run_id), concept_id",
-            [full_ids, threshold, alpha, full_ids],
-        )
+    return _macro_rows(
+        database, run_ids, threshold, alpha, "concept_coverage",
+        "ORDER BY list_position(?::VARCHAR[], run_id), concept_id",
+    )
 
 
 def category_coverage(
     database: Database, run_ids: Sequence[str], threshold: str = "global", alpha: float | None = None
 ) -> list[dict[str, Any]]:
     """Return per run and category how many of its concepts label at least one passing unit."""
-    _check_threshold(threshold, alpha)
-    with open_store(database) as store:
-        full_ids = resolve_run_ids(store, run_ids)
-        return _rows(
-            store,
-            f"SELECT * FROM {_macro_call('category_coverage')} "
-            "ORDER BY list_position(?::VARCHAR[], run_id), broad_category NULLS LAST, category NULLS LAST",
-            [full_ids, threshold, alpha, full_ids],
-        )
+    return _macro_rows(
+        database, run_ids, threshold, alpha, "category_coverage",
+        "ORDER BY list_position(?::VARCHAR[], run_id), broad_category NULLS LAST, category NULLS LAST",
+    )
 
 
 def never_top_concepts(
