@@ -78,7 +78,9 @@ def ingest_rate(database: Path) -> float:
     import duckdb
 
     with duckdb.connect(str(database)) as con:
-        table = con.execute("SELECT * FROM unit_labels").arrow()
+        relation = con.sql("SELECT * FROM unit_labels")
+        # DuckDB 2.0 renamed arrow() to to_arrow_table().
+        table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
         con.execute("CREATE TEMP TABLE copy_labels AS SELECT * FROM unit_labels LIMIT 0")
         con.register("batch", table)
         start = time.perf_counter()

@@ -77,11 +77,14 @@ def _run_config(config_path: Path | None, overrides: list[str], data: dict[str, 
               help="Also render the HTML report into this folder.")
 @click.option("--recompute", is_flag=True, help="Ignore cached activations and embeddings and compute them again.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan (layers, units, sizes) without running it.")
+@click.option("--shard", metavar="I/N",
+              help="Only extract the activations of slice I of N (1-based, as $SLURM_ARRAY_TASK_ID), then stop; "
+                   "'mammo-dissect ingest' assembles the slices.")
 @click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=0, show_default=True,
               help="Seconds to wait for a database locked by another run before failing.")
 def run(config: Path, overrides: tuple[str, ...], database: Path | None, device: str | None,
         batch_size: int | None, limit: int | None, report_dir: Path | None, recompute: bool,
-        dry_run: bool, wait_seconds: float) -> None:
+        dry_run: bool, shard: str | None, wait_seconds: float) -> None:
     """Run the dissection described by the TOML file CONFIG."""
     from mammo_dissect.core.pipeline import run as run_pipeline
 
@@ -97,9 +100,42 @@ def run(config: Path, overrides: tuple[str, ...], database: Path | None, device:
     if dry_run:
         _print_plan(_run_config(config, extra), recompute)
         return
+    if shard is not None:
+        from mammo_dissect.core.sharding import extract_shard
+        from mammo_dissect.core.sharding import parse_shard
+
+        index, count = parse_shard(shard)
+        folder = extract_shard(_run_config(config, extra), index, count, progress=_State.progress)
+        click.echo(f"shard {index}/{count} extracted: {folder}")
+        click.echo(f"when all {count} shards are done, run: mammo-dissect ingest {config}")
+        return
     outcome = run_pipeline(
         _run_config(config, extra), progress=_State.progress, recompute=recompute, wait_seconds=wait_seconds
     )
+    _print_outcome(outcome)
+    if report_dir is not None:
+        _render(outcome.database, outcome.run_id, report_dir)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a configuration value.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Also render the HTML report into this folder.")
+def ingest(config: Path, overrides: tuple[str, ...], report_dir: Path | None) -> None:
+    """Assemble the shards extracted with 'run --shard I/N' and finish the run of CONFIG.
+
+    Every shard must be finished (a missing one is named in the error).  The
+    assembled activations go into the cache; the run then scores them and
+    writes the database as an ordinary run does, without extracting again.
+    """
+    from mammo_dissect.core.pipeline import run as run_pipeline
+    from mammo_dissect.core.sharding import ingest as ingest_shards
+
+    run_config = _run_config(config, list(overrides))
+    layers = ingest_shards(run_config, progress=_State.progress)
+    click.echo(f"assembled {len(layers)} layer(s) from the shards")
+    outcome = run_pipeline(run_config, progress=_State.progress)
     _print_outcome(outcome)
     if report_dir is not None:
         _render(outcome.database, outcome.run_id, report_dir)

@@ -58,6 +58,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "mammo_dissect.plugins.probe_sets.cbis_ddsm_csv",
     "mammo_dissect.plugins.probe_sets.embed",
     "mammo_dissect.plugins.probe_sets.ddsm_seg66",
+    "mammo_dissect.plugins.executors.ray_executor",
     "mammo_dissect.concept_sets.builtin",
     "mammo_dissect.concept_sets.formats",
 )

@@ -489,3 +489,31 @@ def test_stability_command(tiny_config, tiny_registry, tmp_path, capsys):
     code, out, err = run_main(["-q", "stability", str(config_path), "--bootstrap", "2", "--noise", "0.02"], capsys)
     assert code == 0, err
     assert "bootstrap" in out
+
+
+def test_shard_and_ingest_commands(tiny_config, tiny_registry, tmp_path, capsys):
+    config_path = write_toml(tmp_path / "r.toml", tiny_config)
+    for index in (1, 2):
+        code, out, err = run_main(["-q", "run", str(config_path), "--shard", f"{index}/2"], capsys)
+        assert code == 0, err
+        assert f"shard {index}/2 extracted" in out
+    assert not Path(tiny_config["database"]).exists()
+    code, out, err = run_main(["-q", "ingest", str(config_path)], capsys)
+    assert code == 0, err
+    assert "assembled 3 layer(s) from the shards" in out
+    assert "layer features.2: 6 units labelled" in out
+
+
+def test_ingest_with_missing_shard(tiny_config, tiny_registry, tmp_path, capsys):
+    config_path = write_toml(tmp_path / "r.toml", tiny_config)
+    run_main(["-q", "run", str(config_path), "--shard", "1/3"], capsys)
+    code, _, err = run_main(["ingest", str(config_path)], capsys)
+    assert code == 1
+    assert "2/3, 3/3" in err
+
+
+def test_bad_shard_value(tiny_config, tiny_registry, tmp_path, capsys):
+    config_path = write_toml(tmp_path / "r.toml", tiny_config)
+    code, _, err = run_main(["run", str(config_path), "--shard", "0/4"], capsys)
+    assert code == 1
+    assert "0/4" in err

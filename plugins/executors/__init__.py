@@ -1,0 +1,1 @@
+"""Extraction executors beyond the built-in local loop."""
