@@ -261,9 +261,56 @@ class ReplicateChannels(PreprocessingStep):
         return {"channels": self.channels}
 
 
+class MammoClipOffline(PreprocessingStep):
+    """The offline DICOM-to-PNG steps of Mammo-CLIP's training data, for raw DICOM probe sets.
+
+    In order: drop a ``border``-pixel frame, min-max the image to 8-bit levels,
+    set pixels at or below ``dark_level`` (of 255) to 0, keep the longest run
+    of columns whose standard deviation is non-zero within the middle 80% of
+    rows, then the same for rows, and resize with area interpolation to
+    ``size`` (height, width; Mammo-CLIP used 1520 x 912).  The result stays
+    grey in [0, 1]; the dissector's own load-time steps (channel replication,
+    per-image min-max, mean and std) follow in its preprocessing.
+    """
+
+    name = "mammo_clip_offline"
+
+    def __init__(self, border: int = 5, dark_level: int = 40, size: Sequence[int] = (1520, 912)) -> None:
+        if border < 0 or not 0 <= dark_level < 255 or len(size) != 2 or min(size) < 1:
+            raise ConfigError(
+                f"mammo_clip_offline: border must be >= 0, dark_level 0 to 254 and size two positive sides; "
+                f"got border={border}, dark_level={dark_level}, size={list(size)}"
+            )
+        self.border = int(border)
+        self.dark_level = int(dark_level)
+        self.size = (int(size[0]), int(size[1]))
+
+    def __call__(self, image: np.ndarray, metadata: Mapping[str, Any]) -> np.ndarray:
+        grey = image.mean(axis=2) if image.ndim == 3 else image
+        if self.border and min(grey.shape) > 2 * self.border:
+            grey = grey[self.border : -self.border, self.border : -self.border]
+        low, high = float(grey.min()), float(grey.max())
+        levels = np.zeros_like(grey) if high <= low else np.round((grey - low) / (high - low) * 255.0)
+        levels[levels <= self.dark_level] = 0
+        rows = levels.shape[0]
+        middle = levels[int(rows * 0.1) : max(int(rows * 0.9), int(rows * 0.1) + 1)]
+        columns = _longest_true_run(middle.std(axis=0) > 0)
+        if columns is not None:
+            levels = levels[:, columns[0] : columns[1]]
+        width = levels.shape[1]
+        middle = levels[:, int(width * 0.1) : max(int(width * 0.9), int(width * 0.1) + 1)]
+        kept_rows = _longest_true_run(middle.std(axis=1) > 0)
+        if kept_rows is not None:
+            levels = levels[kept_rows[0] : kept_rows[1]]
+        return Resize(self.size, "area")((levels / 255.0).astype(np.float32), metadata)
+
+    def parameters(self) -> dict[str, Any]:
+        return {"border": self.border, "dark_level": self.dark_level, "size": list(self.size)}
+
+
 #: Step classes by their configuration name.
 STEP_TYPES: dict[str, type[PreprocessingStep]] = {
-    step.name: step for step in (BreastCrop, FlipLaterality, Resize, ReplicateChannels)
+    step.name: step for step in (BreastCrop, FlipLaterality, Resize, ReplicateChannels, MammoClipOffline)
 }
 
 

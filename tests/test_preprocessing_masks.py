@@ -146,3 +146,32 @@ def test_mias_coordinates_and_flip() -> None:
 
     apply_preprocessing(flipped, [{"step": "flip_laterality", "target": "L"}])
     np.testing.assert_array_equal(flipped.read(right), probe_set.read(right)[:, ::-1])
+
+
+def test_mammo_clip_offline_steps():
+    import numpy as np
+
+    from mammo_dissect.core.preprocessing import MammoClipOffline
+    from mammo_dissect.core.preprocessing import step_from_config
+
+    image = np.zeros((120, 100), dtype=np.float32)
+    image[:5] = 1.0  # a bright frame line that the 5-pixel border drop removes
+    image[30:90, 10:60] = np.linspace(0.3, 0.9, 50)[None, :]  # the "breast"
+    image[40, 20] = 0.05  # dark noise inside: set to 0, the run still spans the breast
+    step = step_from_config({"step": "mammo_clip_offline", "size": [30, 25]})
+    out = step(image, {})
+    assert isinstance(step, MammoClipOffline)
+    assert out.shape == (30, 25)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert float(out.max()) > 0.9
+    assert step.describe() == {"step": "mammo_clip_offline", "border": 5, "dark_level": 40, "size": [30, 25]}
+
+
+def test_mammo_clip_offline_rejects_bad_parameters():
+    import pytest
+
+    from mammo_dissect.core.errors import ConfigError
+    from mammo_dissect.core.preprocessing import step_from_config
+
+    with pytest.raises(ConfigError):
+        step_from_config({"step": "mammo_clip_offline", "dark_level": 300})
