@@ -20,8 +20,9 @@ with a space is accepted).  A TOML file has an array of tables
 Workbook format (``workbook`` concept set): an ``.xlsx`` file with one sheet
 per broad category and one column per category (header in the first row,
 one concept per cell below), plus a concept list (one concept per line).
-Each listed concept takes the category of the first cell that names it
-(or the last, with ``cell_priority = "last"``), in the order sheet, column, row; cells and list entries are compared after
+Each listed concept takes the category of the last cell that names it
+(or the first, with ``cell_priority = "first"``), in the order sheet, column, row; the last reproduces the
+counts the Mammo-CLIP Dissect study reports.  Cells and list entries are compared after
 :func:`~mammo_dissect.core.concepts.clean_text`.  :func:`match_workbook`
 reports list entries without a cell, cells without a list entry, and
 concepts named by several cells.
@@ -272,7 +273,7 @@ class WorkbookMatch:
         }
 
 
-def match_workbook(concept_lines: list[str], cells: list[WorkbookCell], cell_priority: str = "first") -> WorkbookMatch:
+def match_workbook(concept_lines: list[str], cells: list[WorkbookCell], cell_priority: str = "last") -> WorkbookMatch:
     """Give each listed concept the categories of one of its workbook cells and report every mismatch.
 
     ``cell_priority`` picks the cell of a concept named by several cells:
@@ -306,7 +307,7 @@ def match_workbook(concept_lines: list[str], cells: list[WorkbookCell], cell_pri
     return match
 
 
-def load_workbook_concepts(workbook: Path, concepts: Path, cell_priority: str = "first") -> WorkbookMatch:
+def load_workbook_concepts(workbook: Path, concepts: Path, cell_priority: str = "last") -> WorkbookMatch:
     """Read a category workbook and a concept list and match them (see :func:`match_workbook`)."""
     return match_workbook(read_concept_lines(Path(concepts)), read_workbook(Path(workbook)), cell_priority)
 
@@ -350,7 +351,7 @@ class WorkbookOptions(Options):
     #: Whether listed concepts missing from the workbook are an error (else they are kept without categories).
     require_categories: bool = False
     #: Which cell gives the category of a concept named by several cells (order: sheet, column, row).
-    cell_priority: Literal["first", "last"] = "first"
+    cell_priority: Literal["first", "last"] = "last"
 
 
 class WorkbookConcepts(ConceptSetSource):

@@ -85,7 +85,7 @@ def test_study_workbook_counts() -> None:
         pytest.skip(f"reference concept set not found: {folder}")
     workbook = folder / "Extended_Breast_text_categories.xlsx"
     concepts = folder / "Specific_concepts_sorted.txt"
-    match = load_workbook_concepts(workbook, concepts)
+    match = load_workbook_concepts(workbook, concepts, "first")
     assert len(match.concepts) == 763
     assert match.missing_from_scheme == []
     assert match.missing_from_list == []
@@ -96,7 +96,7 @@ def test_study_workbook_counts() -> None:
         "Breast_anatomy_or_structure": 32, "Breast_locations": 52, "Findings and characterizations": 140,
         "Interpretations": 137, "Action or follow up": 9, "Environmental_and_Natural": 393,
     }
-    last = load_workbook_concepts(workbook, concepts, "last").counts_by_broad_category()
+    last = load_workbook_concepts(workbook, concepts).counts_by_broad_category()
     assert last["Environmental_and_Natural"] == 394
     assert sum(last.values()) - last["Environmental_and_Natural"] == 369
     loaded = WorkbookConcepts().load(WorkbookConcepts.Options(workbook=str(workbook), concepts=str(concepts)))
