@@ -156,6 +156,22 @@ def _cached(
     return value
 
 
+def validate_prompt_template(value: str | None) -> str | None:
+    """Return ``value`` if it is None or a format string with exactly one ``{}`` and no other fields.
+
+    Raises ValueError (for pydantic validators) with the fix in the message.
+    """
+    if value is None:
+        return value
+    if value.count("{}") != 1:
+        raise ValueError("must contain exactly one {} where the concept goes, for example 'a mammogram showing {}'")
+    try:
+        value.format("concept")
+    except (IndexError, KeyError, ValueError) as exc:
+        raise ValueError(f"is not a valid format string ({exc}); write literal braces as {{{{ and }}}}") from None
+    return value
+
+
 def check_concept_lengths(
     concepts: Sequence[str],
     prompts: Sequence[str],
@@ -166,7 +182,7 @@ def check_concept_lengths(
 ) -> None:
     """Reject, or warn about, concepts whose prompt has more than ``limit`` tokens.
 
-    ``count_tokens(prompt)`` counts the tokens the text encoder sees,
+    ``count_tokens(prompt)`` counts the tokens the text encoder receives,
     special tokens included.  ``model`` names the encoder in the message.
     Raises :class:`ConceptSetError` listing every over-long concept unless
     ``truncate`` is set; then a warning lists them and the encoder truncates.

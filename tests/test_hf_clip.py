@@ -117,3 +117,12 @@ def test_missing_directory_says_how(tmp_path):
 def test_hub_name_rejected():
     with pytest.raises(ValueError, match="local directory"):
         HfClipOptions(model_dir="hf-hub:openai/clip-vit-base-patch32")
+
+
+def test_prompt_template_with_extra_field_rejected():
+    from pydantic import ValidationError
+
+    from mammo_dissect.plugins.dissectors.hf_clip import HfClipDissector
+
+    with pytest.raises(ValidationError, match="not a valid format string"):
+        HfClipDissector.Options(model_dir="/local/clip", prompt_template="{region}: {}")

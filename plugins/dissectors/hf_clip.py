@@ -18,6 +18,7 @@ from pydantic import Field
 from pydantic import field_validator
 
 from mammo_dissect.core.embedding import check_concept_lengths
+from mammo_dissect.core.embedding import validate_prompt_template
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.hookspecs import Register
@@ -75,10 +76,8 @@ class HfClipOptions(Options):
     @field_validator("prompt_template")
     @classmethod
     def check_prompt_template(cls, value: str | None) -> str | None:
-        """Require exactly one ``{}`` placeholder."""
-        if value is not None and value.count("{}") != 1:
-            raise ValueError("must contain exactly one {} where the concept goes, for example 'a mammogram of {}'")
-        return value
+        """Require exactly one ``{}`` placeholder and no other format fields."""
+        return validate_prompt_template(value)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pydantic import Field
 from pydantic import field_validator
 
 from mammo_dissect.core.embedding import check_concept_lengths
+from mammo_dissect.core.embedding import validate_prompt_template
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.errors import UnknownNameError
@@ -115,15 +116,7 @@ class OpenClipOptions(Options):
     @classmethod
     def check_prompt_template(cls, value: str | None) -> str | None:
         """Require exactly one ``{}`` placeholder and no other format fields."""
-        if value is None:
-            return value
-        if value.count("{}") != 1:
-            raise ValueError("must contain exactly one {} where the concept goes, for example 'a mammogram showing {}'")
-        try:
-            value.format("concept")
-        except (IndexError, KeyError, ValueError) as exc:
-            raise ValueError(f"is not a valid format string ({exc}); write literal braces as {{{{ and }}}}") from None
-        return value
+        return validate_prompt_template(value)
 
 
 @dataclass
