@@ -54,6 +54,19 @@ def _normalise_over_units(log_likelihood: torch.Tensor, lam: float) -> torch.Ten
     return log_likelihood - lam * log_prior
 
 
+def _concept_probabilities_and_top_images(
+    P: torch.Tensor, A: torch.Tensor, top_k: int, a: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the inputs; return Q = softmax(a * P) over concepts and each unit's top images [top_k x K]."""
+    import torch
+
+    check_shapes(P, A, top_k)
+    check_finite(P, A)
+    P = P.float()
+    A = A.to(device=P.device, dtype=torch.float32)
+    return torch.softmax(a * P, dim=1), torch.topk(A, k=top_k, dim=0).indices
+
+
 def soft_wpmi(
     P: torch.Tensor,
     A: torch.Tensor,
@@ -68,12 +81,7 @@ def soft_wpmi(
     """Compute soft-WPMI scores S [K x M] from P [N x M] and A [N x K]."""
     import torch
 
-    check_shapes(P, A, top_k)
-    check_finite(P, A)
-    P = P.float()
-    A = A.to(device=P.device, dtype=torch.float32)
-    probabilities = torch.softmax(a * P, dim=1)
-    top_images = torch.topk(A, k=top_k, dim=0).indices  # [top_k x K]
+    probabilities, top_images = _concept_probabilities_and_top_images(P, A, top_k, a)
     ranks = torch.arange(top_k, device=P.device, dtype=torch.float32)
     weights = p_start - ranks / top_k * (p_start - p_end)
     log_likelihood = torch.zeros(A.shape[1], P.shape[1], device=P.device, dtype=torch.float32)
@@ -97,12 +105,7 @@ def wpmi(
     """Compute WPMI scores S [K x M] from P [N x M] and A [N x K]."""
     import torch
 
-    check_shapes(P, A, top_k)
-    check_finite(P, A)
-    P = P.float()
-    A = A.to(device=P.device, dtype=torch.float32)
-    probabilities = torch.softmax(a * P, dim=1)
-    top_images = torch.topk(A, k=top_k, dim=0).indices
+    probabilities, top_images = _concept_probabilities_and_top_images(P, A, top_k, a)
     log_likelihood = torch.zeros(A.shape[1], P.shape[1], device=P.device, dtype=torch.float32)
     for rank in range(top_k):
         log_likelihood += torch.log(probabilities[top_images[rank]] + min_prob)
