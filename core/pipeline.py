@@ -282,7 +282,7 @@ def finite_images(plan: Plan, layer_activations: list[LayerActivations]) -> np.n
 
 @dataclass
 class ConceptEvidence:
-    """What the dissector produced: P itself, or the embeddings whose product is P."""
+    """The dissector's output: P itself, or the embeddings whose product is P."""
 
     P: torch.Tensor | None = None
     image_embeddings: torch.Tensor | None = None
@@ -472,7 +472,7 @@ def cached_activations(plan: Plan) -> list[LayerActivations]:
 def dissector_check(
     config: RunConfig, registry: Registry | None = None, progress: bool = True
 ) -> list[Any]:
-    """Measure how well the configured dissector sees the probe set's annotated concepts.
+    """Measure how well the configured dissector detects the probe set's annotated concepts.
 
     Computes the dissector's P for the configured concept set and the
     annotation dissector's ground truth for the probe set's annotation
@@ -541,7 +541,11 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
     layers = []
     for layer in plan.layers:
         shape = shapes.get(layer.name, [])
-        units = shape[0] if len(shape) == 3 else (shape[-1] if shape else 0)
+        units = 0
+        if len(shape) == 3:
+            units = shape[0]
+        elif shape:
+            units = shape[-1]
         key = cache_key({**base, "layer": layer.name})
         layers.append({
             "name": layer.name,

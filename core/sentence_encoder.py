@@ -102,7 +102,7 @@ class SentenceEncoder:
             self.model = AutoModel.from_pretrained(str(self.folder), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
-                f"could not load the sentence encoder from {self.folder}: {exc}; check that the folder holds a "
+                f"could not load the sentence encoder from {self.folder}: {exc}; check that the folder contains a "
                 f"complete Hugging Face model"
             ) from exc
         self.model.eval()

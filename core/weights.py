@@ -123,7 +123,7 @@ def unwrap_state_dict(loaded: Any, path: Path | str) -> dict[str, torch.Tensor]:
         if loaded and all(isinstance(value, torch.Tensor) for value in loaded.values()):
             return dict(loaded)
     raise ModelLoadError(
-        f"{path} holds no state dict (a mapping of parameter names to tensors); "
+        f"{path} contains no state dict (a mapping of parameter names to tensors); "
         f"top-level type {type(loaded).__name__}"
     )
 
