@@ -18,7 +18,14 @@ Everything is checked before a concept may be used:
 - a null from untrained heads (random weights) and from heads trained on
   captions shuffled across patients;
 - a ceiling from a supervised linear probe (logistic regression) on the same
-  features and folds.
+  features and folds;
+- shortcut checks: the crop size and the share of background in a sample,
+  each scored alone as if it were the head's output, so a concept that a
+  trivial property of the crop predicts as well as the head is flagged;
+- unseen paraphrases: the held-out heads score each concept again with
+  every paraphrase in place of the trained text, and the worst is reported;
+- a leave-concept-out run: heads trained without one concept score it, to
+  show how far the head reaches beyond its training vocabulary.
 
 A concept is gated in when, in every source that labels it, the lower bound
 of its interval is above 0.5 and above the 95th percentile of the
@@ -29,6 +36,7 @@ alignment card (JSON) with all these numbers.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,7 +64,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CARD_FORMAT = 1
+CARD_FORMAT = 2
 CARD_FILE = "card.json"
 HEAD_FILE = "head.pt"
 #: Threads used by training; features are small, so more threads mostly add overhead.
@@ -83,6 +91,12 @@ class TextEncoderConfig(Options):
     path: str | None = None
     prompt_template: str = "{}"
     max_tokens: int = Field(default=128, ge=1)
+    #: Unseen paraphrases per concept, used only to check the trained head; they extend the built-in table.
+    paraphrases: dict[str, list[str]] = Field(default_factory=dict)
+    #: A tab-separated paraphrase file (concept, then paraphrases) read before ``paraphrases``.
+    paraphrase_file: str | None = None
+    #: Paraphrases each concept needs; a concept with fewer stops training with an error.
+    min_paraphrases: int = Field(default=2, ge=2)
 
     @model_validator(mode="after")
     def check_template(self) -> TextEncoderConfig:
@@ -132,6 +146,12 @@ class TrainingConfig(Options):
     shuffled_heads: int = Field(default=3, ge=3)
     bootstrap: int = Field(default=1000, ge=100)
     level: float = Field(default=0.95, gt=0, lt=1)
+    #: image_to_text: each sample's softmax over concepts; symmetric: also each concept's softmax over samples.
+    loss: Literal["image_to_text", "symmetric"] = "image_to_text"
+    #: Concepts left out of training in the leave-concept-out run; empty: the best gated concept.
+    leave_out: list[str] = Field(default_factory=list)
+    #: Also keep out concepts that a shortcut (crop size, background) predicts as well as the head.
+    shortcuts_gate: bool = False
 
 
 class AlignmentConfig(Options):
@@ -286,6 +306,26 @@ def multi_positive_loss(
     return per_row.mean()
 
 
+def text_to_image_loss(logits: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Return the mean cross-entropy of each concept's softmax over the samples that may carry it.
+
+    A concept's target spreads evenly over the samples whose caption holds
+    it; concepts with no such sample are ignored.  Returns zero when no
+    concept has a positive sample.
+    """
+    return multi_positive_loss(logits.T, targets.T, allowed.T) if bool((targets.sum(dim=0) > 0).any()) else logits.sum() * 0.0
+
+
+def contrastive_loss(
+    logits: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """Return the image-to-text loss, or its mean with the text-to-image loss when ``kind`` is symmetric."""
+    image_to_text = multi_positive_loss(logits, targets, allowed)
+    if kind == "image_to_text":
+        return image_to_text
+    return (image_to_text + text_to_image_loss(logits, targets, allowed)) / 2.0
+
+
 def train_head(
     features: np.ndarray,
     pairs: Pairs,
@@ -311,7 +351,7 @@ def train_head(
     for _epoch in range(settings.epochs):
         optimiser.zero_grad()
         projected = torch.nn.functional.normalize(head(inputs), dim=1)
-        loss = multi_positive_loss(projected @ text_unit.T / settings.temperature, targets, allowed)
+        loss = contrastive_loss(projected @ text_unit.T / settings.temperature, targets, allowed, settings.loss)
         loss.backward()
         optimiser.step()
     head.eval()
@@ -329,6 +369,37 @@ def head_scores(head: torch.nn.Module, features: np.ndarray, text_embeddings: to
         return (projected @ text_unit.T).numpy()
 
 
+@dataclass
+class FoldHeads:
+    """The heads of one cross-validation: per fold, the held-out rows and the head trained without them."""
+
+    folds: list[tuple[np.ndarray, torch.nn.Module]]
+
+    def scores(self, features: np.ndarray, text_embeddings: torch.Tensor) -> np.ndarray:
+        """Return the held-out cosines of every sample against ``text_embeddings``."""
+        scores = np.zeros((features.shape[0], text_embeddings.shape[0]), dtype=np.float32)
+        for test_rows, head in self.folds:
+            scores[test_rows] = head_scores(head, features[test_rows], text_embeddings)
+        return scores
+
+
+def fold_heads(
+    features: np.ndarray,
+    pairs: Pairs,
+    folds: np.ndarray,
+    text_embeddings: torch.Tensor,
+    settings: TrainingConfig,
+    seed: int,
+) -> FoldHeads:
+    """Train one head per fold on the other folds."""
+    trained = []
+    for fold in np.unique(folds):
+        train_rows = np.flatnonzero(folds != fold)
+        test_rows = np.flatnonzero(folds == fold)
+        trained.append((test_rows, train_head(features, pairs, train_rows, text_embeddings, settings, seed + int(fold))))
+    return FoldHeads(trained)
+
+
 def cross_validated_scores(
     features: np.ndarray,
     pairs: Pairs,
@@ -338,13 +409,20 @@ def cross_validated_scores(
     seed: int,
 ) -> np.ndarray:
     """Return held-out cosines: each sample is scored by the head trained without its fold."""
-    scores = np.zeros(pairs.targets.shape, dtype=np.float32)
-    for fold in np.unique(folds):
-        train_rows = np.flatnonzero(folds != fold)
-        test_rows = np.flatnonzero(folds == fold)
-        head = train_head(features, pairs, train_rows, text_embeddings, settings, seed + int(fold))
-        scores[test_rows] = head_scores(head, features[test_rows], text_embeddings)
-    return scores
+    return fold_heads(features, pairs, folds, text_embeddings, settings, seed).scores(features, text_embeddings)
+
+
+def without_concept(pairs: Pairs, column: int) -> Pairs:
+    """Return pairs in which concept ``column`` is neither a caption nor a competitor of any sample.
+
+    Samples whose caption held only that concept have an empty caption and
+    drop out of the loss.
+    """
+    targets = pairs.targets.copy()
+    allowed = pairs.allowed.copy()
+    targets[:, column] = 0.0
+    allowed[:, column] = False
+    return Pairs(pairs.vocabulary, targets, allowed, pairs.patients, pairs.sources)
 
 
 def random_head_scores(features: np.ndarray, text_dim: int, text_embeddings: torch.Tensor, seed: int) -> np.ndarray:
@@ -528,6 +606,24 @@ def train_alignment(config: str | Path | dict[str, Any], out_dir: str | Path) ->
 def card_timestamp() -> str:
     """Return the current UTC time for the card."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def load_card(path: Path, hint: str) -> dict[str, Any]:
+    """Read the alignment card JSON at ``path``; ``hint`` says what to do when it is missing.
+
+    :raises ModelLoadError: when the file is missing or is not a JSON object.
+    """
+    from mammo_dissect.core.errors import ModelLoadError
+
+    if not path.is_file():
+        raise ModelLoadError(f"alignment card not found: {path}; {hint}")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"alignment card {path} is not readable JSON: {exc}; train it again") from None
+    if not isinstance(card, dict):
+        raise ModelLoadError(f"alignment card {path} holds a JSON {type(card).__name__}, not an object; train it again")
+    return card
 
 
 def write_card(path: Path, card: dict[str, Any]) -> None:

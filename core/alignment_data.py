@@ -388,6 +388,47 @@ def source_features(
     return features
 
 
+def shortcut_values(source: SourceSamples, mask_threshold: float, cache: ArrayCache | None) -> np.ndarray:
+    """Return [samples x 2]: each sample's crop side in pixels and the share of it outside the breast mask.
+
+    A whole image's side is its longer side.  Padding where a crop leaves the
+    image counts as background.  Cached under the crops and the mask threshold.
+    """
+    what = f"shortcut properties of {source.name}"
+    key = None
+    if cache is not None:
+        key = cache_key(
+            {
+                "kind": "alignment_shortcuts",
+                "probe_fingerprint": probe_fingerprint(source.probe_set),
+                "crops": source.spec,
+                "samples": [[sample.image_id, list(sample.box) if sample.box else None] for sample in source.samples],
+                "mask_threshold": mask_threshold,
+                "mask_step": MASK_STEP,
+            }
+        )
+        hit = cache.load("alignment_shortcuts", key, what)
+        if hit is not None:
+            return np.array(hit[0], dtype=np.float64)
+    values = np.zeros((len(source.samples), 2), dtype=np.float64)
+    mask: np.ndarray | None = None
+    mask_index = -1
+    for row, sample in enumerate(source.samples):
+        if sample.image_index != mask_index:
+            mask = breast_mask(source.probe_set.read(sample.image_index), mask_threshold)
+            mask_index = sample.image_index
+        assert mask is not None
+        if sample.box is None:
+            values[row] = (max(mask.shape), 1.0 - float(mask.mean()))
+            continue
+        side = sample.box[2]
+        inside = crop(mask, sample.box)
+        values[row] = (side, 1.0 - float(inside.sum()) / float(side * side))
+    if cache is not None and key is not None:
+        cache.store("alignment_shortcuts", key, values, {"description": what})
+    return values
+
+
 def _pooled(target: Any, batch: list[Any], encoder: dict[str, Any]) -> np.ndarray:
     import torch
 

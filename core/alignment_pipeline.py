@@ -16,23 +16,34 @@ from mammo_dissect.core.alignment import AlignmentConfig
 from mammo_dissect.core.alignment import SourceConfig
 from mammo_dissect.core.alignment import build_pairs
 from mammo_dissect.core.alignment import card_timestamp
-from mammo_dissect.core.alignment import cross_validated_scores
 from mammo_dissect.core.alignment import evaluate
+from mammo_dissect.core.alignment import fold_heads
 from mammo_dissect.core.alignment import gated_concepts
 from mammo_dissect.core.alignment import linear_probe_scores
 from mammo_dissect.core.alignment import patient_folds
 from mammo_dissect.core.alignment import random_head_scores
 from mammo_dissect.core.alignment import shuffle_captions
 from mammo_dissect.core.alignment import train_head
+from mammo_dissect.core.alignment import without_concept
 from mammo_dissect.core.alignment import write_card
+from mammo_dissect.core.alignment_checks import SHORTCUTS
+from mammo_dissect.core.alignment_checks import concept_warnings
+from mammo_dissect.core.alignment_checks import leave_out_choice
+from mammo_dissect.core.alignment_checks import leave_out_section
+from mammo_dissect.core.alignment_checks import paraphrase_checks
+from mammo_dissect.core.alignment_checks import paraphrase_table
+from mammo_dissect.core.alignment_checks import paraphrase_variants
+from mammo_dissect.core.alignment_checks import shortcut_checks
 from mammo_dissect.core.alignment_data import SourceSamples
 from mammo_dissect.core.alignment_data import check_lesion_centres
 from mammo_dissect.core.alignment_data import encoder_description
 from mammo_dissect.core.alignment_data import lesion_samples
+from mammo_dissect.core.alignment_data import shortcut_values
 from mammo_dissect.core.alignment_data import source_features
 from mammo_dissect.core.alignment_data import tissue_patch_samples
 from mammo_dissect.core.alignment_data import whole_samples
 from mammo_dissect.core.cache import ArrayCache
+from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.types import ProbeSet
 from mammo_dissect.core.types import validate_options
 from mammo_dissect.core.weights import sha256_file
@@ -78,6 +89,19 @@ def build_source(source: SourceConfig, probe_set: ProbeSet, seed: int) -> tuple[
     return samples, []
 
 
+def paraphrases_for(settings: AlignmentConfig, base: Path, vocabulary: list[str]) -> dict[str, list[str]]:
+    """Return the unseen paraphrases of the vocabulary: configured, then from the file, then built-in.
+
+    A relative ``paraphrase_file`` is resolved against ``base``.
+    """
+    from mammo_dissect.concept_sets.paraphrases import builtin_paraphrases
+    from mammo_dissect.concept_sets.paraphrases import read_paraphrases
+
+    text = settings.text_encoder
+    from_file = read_paraphrases(base / Path(text.paraphrase_file).expanduser()) if text.paraphrase_file else {}
+    return paraphrase_table(vocabulary, builtin_paraphrases(), from_file, text.paraphrases, text.min_paraphrases)
+
+
 def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
     """Train, check and write the card and head; return the card's path."""
     import torch
@@ -99,6 +123,15 @@ def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
         bad_labels.extend(bad)
         logger.info("source %s: %d samples, vocabulary %s", source.name, len(samples.samples), samples.vocabulary)
 
+    pairs = build_pairs(sources)
+    paraphrases = paraphrases_for(settings, base, pairs.vocabulary)
+    left_out = [name for name in training.leave_out if name not in pairs.vocabulary]
+    if left_out:
+        raise ConfigError(
+            f"training.leave_out names {', '.join(repr(name) for name in left_out)}, which no source labels; "
+            f"use concepts of the vocabulary {pairs.vocabulary}"
+        )
+
     target = load_target(settings.encoder.loader, **settings.encoder.options)
     encoder = encoder_description(
         target, settings.encoder.loader, settings.encoder.options, settings.encoder.layer, settings.encoder.pooling
@@ -106,29 +139,58 @@ def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
     features = np.concatenate(
         [source_features(target, encoder, source, cache, settings.encoder.batch_size) for source in sources], axis=0
     )
+    shortcuts = np.concatenate(
+        [
+            shortcut_values(source, config.mask_threshold, cache)
+            for source, config in zip(sources, settings.sources, strict=True)
+        ],
+        axis=0,
+    )
     feature_seconds = time.perf_counter() - started
 
     text_encoder = SentenceEncoder(settings.text_encoder.path, settings.text_encoder.max_tokens)
-    pairs = build_pairs(sources)
-    prompts = [settings.text_encoder.prompt_template.format(text) for text in pairs.vocabulary]
-    text_embeddings = text_encoder.encode(prompts)
+    template = settings.text_encoder.prompt_template
+    text_embeddings = text_encoder.encode([template.format(text) for text in pairs.vocabulary])
 
     training_started = time.perf_counter()
     folds = patient_folds(pairs.patients.tolist(), training.folds, training.seed)
-    aligned = cross_validated_scores(features, pairs, folds, text_embeddings, training, training.seed)
+    heads = fold_heads(features, pairs, folds, text_embeddings, training, training.seed)
+    aligned = heads.scores(features, text_embeddings)
     random_heads = [
         random_head_scores(features, text_embeddings.shape[1], text_embeddings, training.seed + 1000 + index)
         for index in range(training.random_heads)
     ]
     shuffled_heads = [
-        cross_validated_scores(
+        fold_heads(
             features, shuffle_captions(pairs, training.seed + 2000 + index), folds, text_embeddings, training,
             training.seed + 2000 + index,
-        )
+        ).scores(features, text_embeddings)
         for index in range(training.shuffled_heads)
     ]
     probe = linear_probe_scores(features, pairs, folds, training, training.seed)
     records = evaluate(pairs, aligned, random_heads, shuffled_heads, probe, training)
+
+    shortcut_checks(records, pairs, shortcuts, training.shortcuts_gate)
+    variants = paraphrase_variants(pairs.vocabulary, paraphrases)
+    variant_scores = [
+        heads.scores(
+            features,
+            text_encoder.encode(
+                [template.format(text if replaced is None else replaced) for text, replaced in zip(pairs.vocabulary, texts, strict=True)]
+            ),
+        )
+        for texts in variants
+    ]
+    paraphrase_checks(records, pairs, variants, variant_scores)
+    gated = gated_concepts(records)
+    leave_out_runs = []
+    for concept in leave_out_choice(records, gated, training.leave_out):
+        column = pairs.vocabulary.index(concept)
+        left_out_scores = fold_heads(
+            features, without_concept(pairs, column), folds, text_embeddings, training, training.seed + 3000
+        ).scores(features, text_embeddings)
+        leave_out_runs.append(leave_out_section(pairs, column, left_out_scores, random_heads, records, training))
+
     final_head = train_head(features, pairs, np.arange(len(pairs.patients)), text_embeddings, training, training.seed)
     training_seconds = time.perf_counter() - training_started
 
@@ -151,7 +213,8 @@ def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
         "head_file": HEAD_FILE,
         "head_sha256": sha256_file(head_path),
         "vocabulary": pairs.vocabulary,
-        "gated_concepts": gated_concepts(records),
+        "gated_concepts": gated,
+        "concept_warnings": concept_warnings(records),
         "gate_rule": (
             "a concept is gated in when, in every source that labels it, the lower bound of its patient-cluster "
             f"bootstrap {training.level:.0%} interval of the held-out AUROC is above 0.5 and above the 95th "
@@ -172,6 +235,9 @@ def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
         "n_patients": int(np.unique(pairs.patients).size),
         "folds": training.folds,
         "concepts": records,
+        "shortcuts": SHORTCUTS,
+        "paraphrases": paraphrases,
+        "leave_concept_out": leave_out_runs,
         "bad_labels": bad_labels,
         "timings_seconds": {"features": round(feature_seconds, 2), "training_and_checks": round(training_seconds, 2)},
     }

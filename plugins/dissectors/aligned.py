@@ -16,7 +16,6 @@ probabilities, which soft_wpmi assumes.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from pydantic import Field
 
+from mammo_dissect.core.alignment import load_card
 from mammo_dissect.core.errors import ConceptSetError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.hookspecs import Register
@@ -56,15 +56,7 @@ class AlignedOptions(Options):
 def read_card(path: str) -> dict[str, Any]:
     """Read an alignment card and check that its head file exists and matches its hash."""
     card_path = Path(path).expanduser()
-    if not card_path.is_file():
-        raise ModelLoadError(
-            f"alignment card not found: {card_path}; set dissector.options.card to the card.json written by "
-            f"alignment training"
-        )
-    try:
-        card: dict[str, Any] = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"alignment card {card_path} is not readable JSON: {exc}; train it again") from None
+    card = load_card(card_path, "set dissector.options.card to the card.json written by alignment training")
     missing = [key for key in ("encoder", "text_encoder", "head_file", "gated_concepts", "vocabulary") if key not in card]
     if missing:
         raise ModelLoadError(f"alignment card {card_path} lacks {', '.join(missing)}; train it again")
@@ -79,6 +71,10 @@ def read_card(path: str) -> dict[str, Any]:
 def check_gated(card: dict[str, Any], concepts: Sequence[str], allow_ungated: bool) -> None:
     """Raise :class:`ConceptSetError` listing the concepts the card did not gate in, unless allowed."""
     gated = set(card["gated_concepts"])
+    warned = card.get("concept_warnings") or {}
+    for text in concepts:
+        for message in warned.get(text, ()):
+            logger.warning("aligned dissector: card %s warns about concept %r: %s", card["_card_path"], text, message)
     ungated = [text for text in concepts if text not in gated]
     if not ungated:
         return
@@ -179,6 +175,7 @@ class AlignedDissector(EmbeddingDissector):
             "encoder": card["encoder"],
             "text_encoder": card["text_encoder"],
             "gated_concepts": card["gated_concepts"],
+            "card": {key: value for key, value in card.items() if not key.startswith("_")},
         }
 
 

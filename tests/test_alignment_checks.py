@@ -1,0 +1,258 @@
+"""Tests of the alignment card's extra checks: shortcuts, unseen paraphrases, leave-concept-out, symmetric loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mammo_dissect.concept_sets.paraphrases import builtin_paraphrases
+from mammo_dissect.concept_sets.paraphrases import read_paraphrases
+from mammo_dissect.core.alignment import Pairs
+from mammo_dissect.core.alignment import TrainingConfig
+from mammo_dissect.core.alignment import build_pairs
+from mammo_dissect.core.alignment import contrastive_loss
+from mammo_dissect.core.alignment import fold_heads
+from mammo_dissect.core.alignment import multi_positive_loss
+from mammo_dissect.core.alignment import patient_folds
+from mammo_dissect.core.alignment import text_to_image_loss
+from mammo_dissect.core.alignment import without_concept
+from mammo_dissect.core.alignment_checks import concept_warnings
+from mammo_dissect.core.alignment_checks import leave_out_choice
+from mammo_dissect.core.alignment_checks import leave_out_section
+from mammo_dissect.core.alignment_checks import paraphrase_checks
+from mammo_dissect.core.alignment_checks import paraphrase_table
+from mammo_dissect.core.alignment_checks import paraphrase_variants
+from mammo_dissect.core.alignment_checks import shortcut_checks
+from mammo_dissect.core.alignment_data import Sample
+from mammo_dissect.core.alignment_data import SourceSamples
+from mammo_dissect.core.alignment_data import shortcut_values
+from mammo_dissect.core.errors import ConceptSetError
+from mammo_dissect.core.errors import ConfigError
+
+
+def two_concept_pairs(n: int = 40) -> Pairs:
+    """Return pairs of one source: samples alternate between concept "mass" and concept "normal", one patient each."""
+    captions = [("mass",) if index % 2 == 0 else ("normal",) for index in range(n)]
+    samples = [Sample("crops", index, f"i{index}", f"p{index}", caption) for index, caption in enumerate(captions)]
+    source = SourceSamples("crops", "lesions", SimpleNamespace(reader="r"), samples, ["mass", "normal"])  # type: ignore[arg-type]
+    return build_pairs([source])
+
+
+def record(concept: str, ci_low: float | None, gated: bool = True) -> dict:
+    return {"source": "crops", "concept": concept, "auroc": 0.8, "ci_low": ci_low, "gated": gated,
+            "random_head_p95": 0.6, "reason": "passes"}
+
+
+# ---------------------------------------------------------------- shortcuts
+
+
+def test_a_crop_size_that_predicts_the_caption_is_flagged() -> None:
+    pairs = two_concept_pairs()
+    is_mass = pairs.targets[:, 0] == 1
+    values = np.column_stack([np.where(is_mass, 96.0, 64.0), np.full(len(is_mass), 0.25)])
+    records = [record("mass", 0.7), record("normal", 0.7)]
+    shortcut_checks(records, pairs, values, gate_on_flags=False)
+    mass = records[0]
+    assert mass["shortcuts"]["crop_side"] == {"auroc": 1.0, "strength": 1.0, "constant": False}
+    assert mass["shortcuts"]["background_fraction"]["constant"] is True
+    assert mass["shortcut_flags"] == ["crop_side"]
+    # Smaller crops predict "normal": the AUROC is 0, the strength still 1.
+    assert records[1]["shortcuts"]["crop_side"]["auroc"] == 0.0
+    assert records[1]["shortcut_flags"] == ["crop_side"]
+    assert mass["gated"] is True
+    warnings = concept_warnings(records)
+    assert "crop side alone reaches AUROC 1.000" in warnings["mass"][0]
+
+
+def test_a_weak_shortcut_is_not_flagged_and_the_gate_option_ungates_strong_ones() -> None:
+    pairs = two_concept_pairs()
+    rng = np.random.default_rng(0)
+    values = np.column_stack([rng.normal(size=40), rng.normal(size=40)])
+    weak = [record("mass", 0.95)]
+    shortcut_checks(weak, pairs, values, gate_on_flags=True)
+    assert weak[0]["shortcut_flags"] == [] and weak[0]["gated"] is True
+
+    is_mass = pairs.targets[:, 0] == 1
+    strong = [record("mass", 0.7)]
+    shortcut_checks(strong, pairs, np.column_stack([is_mass * 1.0, is_mass * 1.0]), gate_on_flags=True)
+    assert strong[0]["gated"] is False
+    assert "shortcuts_gate" in strong[0]["reason"]
+
+
+def test_shortcut_values_measure_crop_side_and_background() -> None:
+    image = np.zeros((64, 64), dtype=np.float32)
+    image[:, :32] = 0.8  # the breast fills the left half
+    probe_set = SimpleNamespace(reader="r", read=lambda index: image)
+    samples = [
+        Sample("s", 0, "a", "p", ("x",), box=(0, 0, 32)),  # inside the breast
+        Sample("s", 0, "a", "p", ("x",), box=(0, 16, 32)),  # half breast, half background
+        Sample("s", 0, "a", "p", ("x",), box=(-16, 48, 32)),  # background and padding
+        Sample("s", 0, "a", "p", ("x",)),  # whole image
+    ]
+    source = SourceSamples("s", "lesions", probe_set, samples, ["x"])  # type: ignore[arg-type]
+    values = shortcut_values(source, 0.1, cache=None)
+    assert values[:, 0].tolist() == [32, 32, 32, 64]
+    assert values[:, 1].tolist() == pytest.approx([0.0, 0.5, 1.0, 0.5])
+
+
+# ---------------------------------------------------------------- paraphrases
+
+
+def test_paraphrase_table_merges_sources_in_order_and_drops_duplicates() -> None:
+    table = paraphrase_table(
+        ["mass"],
+        builtin={"mass": ["lump", "nodule"]},
+        from_file={"mass": ["lesion", "lump"]},
+        configured={"mass": ["tumour"]},
+        minimum=2,
+    )
+    assert table == {"mass": ["tumour", "lesion", "lump", "nodule"]}
+
+
+def test_paraphrase_table_refuses_seen_texts_and_short_lists() -> None:
+    with pytest.raises(ConfigError, match="'Normal' of concept 'mass' is itself a training concept"):
+        paraphrase_table(["mass", "normal"], {"mass": ["Normal", "lump"], "normal": ["a", "b"]}, {}, {}, 2)
+    with pytest.raises(ConfigError, match=r"2 concept\(s\) have fewer than 2 paraphrases: 'mass' \(1\), 'aircraft' \(0\)"):
+        paraphrase_table(["mass", "aircraft"], {"mass": ["lump"]}, {}, {}, 2)
+
+
+def test_paraphrase_checks_report_the_worst_and_flag_fragile_concepts() -> None:
+    pairs = two_concept_pairs()
+    is_mass = pairs.targets[:, 0]
+    good = np.column_stack([is_mass, 1 - is_mass])
+    reversed_scores = 1 - good
+    variants = paraphrase_variants(["mass", "normal"], {"mass": ["lump", "nodule"], "normal": ["healthy"]})
+    assert variants == [["lump", "healthy"], ["nodule", None]]
+    records = [record("mass", 0.7), record("normal", 0.7)]
+    paraphrase_checks(records, pairs, variants, [good, reversed_scores])
+    mass, normal = records
+    assert [item["text"] for item in mass["paraphrases"]] == ["lump", "nodule"]
+    assert mass["paraphrase_worst_text"] == "nodule" and mass["paraphrase_worst_auroc"] == 0.0
+    assert mass["paraphrase_fragile"] is True
+    assert normal["paraphrases"] == [{"text": "healthy", "auroc": 1.0}]
+    assert normal["paraphrase_fragile"] is False
+    assert "'nodule' scores AUROC 0.000" in concept_warnings(records)["mass"][0]
+
+
+def test_builtin_paraphrases_cover_every_builtin_annotation_vocabulary() -> None:
+    from mammo_dissect.plugins.probe_sets import cbis_ddsm_csv
+    from mammo_dissect.plugins.probe_sets import ddsm_seg66
+    from mammo_dissect.plugins.probe_sets import mini_mias
+    from mammo_dissect.plugins.probe_sets import rsna_screening
+    from mammo_dissect.plugins.probe_sets import vindr_mammo
+    from mammo_dissect.plugins.probe_sets.manifest import BIRADS_VOCABULARY
+
+    vocabulary = {
+        *mini_mias.ANNOTATION_VOCABULARY,
+        *ddsm_seg66.TISSUE_CONCEPTS.values(),
+        *ddsm_seg66.VOLUME_CONCEPTS.values(),
+        *cbis_ddsm_csv.DENSITY_CONCEPTS.values(),
+        *cbis_ddsm_csv.PATHOLOGY_CONCEPTS.values(),
+        *vindr_mammo.DENSITY_LETTER_CONCEPTS.values(),
+        *vindr_mammo.FINDING_CONCEPTS.values(),
+        *(text for table in rsna_screening.FLAG_CONCEPTS.values() for text in table.values()),
+        *BIRADS_VOCABULARY,
+    }
+    table = paraphrase_table(sorted(vocabulary), builtin_paraphrases(), {}, {}, 2)
+    assert set(table) == vocabulary
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("mass\n", "has no paraphrase"),
+        ("mass\tlump\t\tnodule\n", "empty paraphrase"),
+        ("mass\tlump\nmass\tnodule\n", "appears a second time"),
+    ],
+)
+def test_paraphrase_files_with_errors_are_refused(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "paraphrases.tsv"
+    path.write_text("# concept\tparaphrases\n" + content, encoding="utf-8")
+    with pytest.raises(ConceptSetError, match=message):
+        read_paraphrases(path)
+
+
+def test_paraphrase_file_must_exist_and_be_utf8(tmp_path: Path) -> None:
+    with pytest.raises(ConceptSetError, match="not found"):
+        read_paraphrases(tmp_path / "none.tsv")
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("tumeur\tl\xe9sion\tnodule\n".encode("latin-1"))
+    with pytest.raises(ConceptSetError, match="not UTF-8"):
+        read_paraphrases(latin)
+
+
+# ---------------------------------------------------------------- leave-concept-out
+
+
+def test_without_concept_removes_the_column_from_captions_and_competitors() -> None:
+    pairs = two_concept_pairs(6)
+    left = without_concept(pairs, 0)
+    assert left.targets[:, 0].sum() == 0 and not left.allowed[:, 0].any()
+    assert (left.targets[:, 1] == pairs.targets[:, 1]).all()
+    assert pairs.targets[:, 0].sum() == 3  # the original is untouched
+
+
+def test_leave_out_choice_prefers_the_configured_then_the_best_gated_concept() -> None:
+    records = [
+        {"concept": "a", "auroc": 0.9}, {"concept": "b", "auroc": 0.8}, {"concept": "c", "auroc": None},
+    ]
+    assert leave_out_choice(records, ["b"], []) == ["b"]
+    assert leave_out_choice(records, [], []) == ["a"]
+    assert leave_out_choice(records, ["b"], ["c"]) == ["c"]
+    assert leave_out_choice([{"concept": "c", "auroc": None}], [], []) == []
+
+
+def test_a_head_trained_without_a_concept_is_scored_on_it() -> None:
+    import torch
+
+    rng = np.random.default_rng(0)
+    pairs = two_concept_pairs(60)
+    is_mass = pairs.targets[:, 0]
+    features = (rng.normal(size=(60, 8)) + np.outer(is_mass, np.eye(8)[0]) * 3).astype(np.float32)
+    text = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(2, 16)).astype(np.float32)), dim=1)
+    settings = TrainingConfig(folds=3, epochs=30, bootstrap=100)
+    folds = patient_folds(pairs.patients.tolist(), 3, 0)
+    trained = fold_heads(features, pairs, folds, text, settings, 0).scores(features, text)
+    left = fold_heads(features, without_concept(pairs, 0), folds, text, settings, 0).scores(features, text)
+    records = [{"source": "crops", "concept": "mass", "auroc": 0.99}]
+    random_heads = [rng.normal(size=(60, 2)) for _ in range(10)]
+    section = leave_out_section(pairs, 0, left, random_heads, records, settings)
+    assert section["concept"] == "mass"
+    (result,) = section["sources"]
+    assert result["trained_auroc"] == 0.99
+    assert 0.0 <= result["ci_low"] <= result["auroc"] <= result["ci_high"] <= 1.0
+    assert isinstance(result["would_pass_gate"], bool)
+    # Trained and left-out heads differ: the left-out run saw no "mass" caption.
+    assert not np.allclose(trained[:, 0], left[:, 0])
+
+
+# ---------------------------------------------------------------- symmetric loss
+
+
+def test_text_to_image_loss_is_each_concepts_softmax_over_samples() -> None:
+    import torch
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    allowed = torch.tensor([[True, True], [True, True], [False, True]])
+    first = -torch.log_softmax(torch.tensor([2.0, 0.0]), dim=0)[0]
+    second_terms = torch.log_softmax(torch.tensor([0.0, 1.0, 3.0]), dim=0)
+    second = -(second_terms[1] + second_terms[2]) / 2
+    assert torch.isclose(text_to_image_loss(logits, targets, allowed), (first + second) / 2)
+    symmetric = contrastive_loss(logits, targets, allowed, "symmetric")
+    assert torch.isclose(symmetric, (multi_positive_loss(logits, targets, allowed) + (first + second) / 2) / 2)
+    assert torch.isclose(contrastive_loss(logits, targets, allowed, "image_to_text"),
+                         multi_positive_loss(logits, targets, allowed))
+
+
+def test_text_to_image_loss_without_positives_is_zero_and_keeps_gradients() -> None:
+    import torch
+
+    logits = torch.ones(3, 2, requires_grad=True)
+    loss = text_to_image_loss(logits, torch.zeros(3, 2), torch.ones(3, 2, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad is not None

