@@ -91,11 +91,11 @@ class TextEncoderConfig(Options):
     path: str | None = None
     prompt_template: str = "{}"
     max_tokens: int = Field(default=128, ge=1)
-    #: Unseen paraphrases per concept, used only to check the trained head; they extend the built-in table.
+    #: Unseen paraphrases per concept, used only to check the trained head.  They extend the built-in table.
     paraphrases: dict[str, list[str]] = Field(default_factory=dict)
     #: A tab-separated paraphrase file (concept, then paraphrases) read before ``paraphrases``.
     paraphrase_file: str | None = None
-    #: Paraphrases each concept needs; a concept with fewer stops training with an error.
+    #: Minimum number of paraphrases per concept.  A concept with fewer stops training with an error.
     min_paraphrases: int = Field(default=2, ge=2)
 
     @model_validator(mode="after")
@@ -146,9 +146,9 @@ class TrainingConfig(Options):
     shuffled_heads: int = Field(default=3, ge=3)
     bootstrap: int = Field(default=1000, ge=100)
     level: float = Field(default=0.95, gt=0, lt=1)
-    #: image_to_text: each sample's softmax over concepts; symmetric: also each concept's softmax over samples.
+    #: Loss: each sample's softmax over concepts (image_to_text), plus each concept's softmax over samples (symmetric).
     loss: Literal["image_to_text", "symmetric"] = "image_to_text"
-    #: Concepts left out of training in the leave-concept-out run; empty: the best gated concept.
+    #: Concepts left out of training in the leave-concept-out run.  Empty: the gated concept with the best AUROC.
     leave_out: list[str] = Field(default_factory=list)
     #: Also keep out concepts that a shortcut (crop size, background) predicts as well as the head.
     shortcuts_gate: bool = False
@@ -309,11 +309,13 @@ def multi_positive_loss(
 def text_to_image_loss(logits: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Return the mean cross-entropy of each concept's softmax over the samples that may carry it.
 
-    A concept's target spreads evenly over the samples whose caption holds
-    it; concepts with no such sample are ignored.  Returns zero when no
-    concept has a positive sample.
+    A concept's target spreads evenly over the samples whose caption contains
+    it.  Concepts with no such sample are ignored.  Returns zero (still
+    attached to the graph) when no concept has a positive sample.
     """
-    return multi_positive_loss(logits.T, targets.T, allowed.T) if bool((targets.sum(dim=0) > 0).any()) else logits.sum() * 0.0
+    if not bool((targets.sum(dim=0) > 0).any()):
+        return logits.sum() * 0.0
+    return multi_positive_loss(logits.T, targets.T, allowed.T)
 
 
 def contrastive_loss(
@@ -609,7 +611,7 @@ def card_timestamp() -> str:
 
 
 def load_card(path: Path, hint: str) -> dict[str, Any]:
-    """Read the alignment card JSON at ``path``; ``hint`` says what to do when it is missing.
+    """Read the alignment card JSON at ``path``; ``hint`` tells the user what to do when it is missing.
 
     :raises ModelLoadError: when the file is missing or is not a JSON object.
     """
@@ -622,7 +624,7 @@ def load_card(path: Path, hint: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"alignment card {path} is not readable JSON: {exc}; train it again") from None
     if not isinstance(card, dict):
-        raise ModelLoadError(f"alignment card {path} holds a JSON {type(card).__name__}, not an object; train it again")
+        raise ModelLoadError(f"alignment card {path} contains a JSON {type(card).__name__}, not an object; train it again")
     return card
 
 

@@ -5,7 +5,7 @@ Each function adds fields to the per-(source, concept) records of
 
 - Shortcuts: a property of the crop that is not its content can predict a
   caption (lesion crops are sized by the lesion, normal crops all share one
-  size).  Each property is used alone as the score of every concept; when
+  size).  Each property alone is used as the score of every concept.  When
   one reaches the lower bound of the head's interval, the concept is
   flagged, because the head's score may be no better than the property.
 - Paraphrases: the held-out heads score a concept again with a reworded
@@ -42,13 +42,19 @@ SHORTCUTS: dict[str, str] = {
 # ---------------------------------------------------------------- shortcuts
 
 
+def above_chance(record: dict[str, Any]) -> bool:
+    """Return whether the lower bound of the head's interval is above 0.5, so its checks mean something."""
+    return record.get("ci_low") is not None and float(record["ci_low"]) > 0.5
+
+
 def shortcut_checks(records: list[dict[str, Any]], pairs: Pairs, values: np.ndarray, gate_on_flags: bool) -> None:
     """Score every shortcut alone for each record and flag those that reach the head's lower bound.
 
     ``values`` is [samples x len(SHORTCUTS)].  The AUROC of a property is
-    reported as measured; its strength is max(AUROC, 1 - AUROC), since a
+    reported as measured.  Its strength is max(AUROC, 1 - AUROC), because a
     shortcut may work in either direction.  A constant property has AUROC 0.5.
-    With ``gate_on_flags``, a flagged record is no longer gated in.
+    Only records whose lower bound is above 0.5 can be flagged.  With
+    ``gate_on_flags``, a flagged record is no longer gated in.
     """
     if values.shape != (pairs.targets.shape[0], len(SHORTCUTS)):
         raise ConfigError(
@@ -69,7 +75,7 @@ def shortcut_checks(records: list[dict[str, Any]], pairs: Pairs, values: np.ndar
             strength = max(value, 1.0 - value)
             constant = bool(np.ptp(values[rows, index]) == 0)
             checks[name] = {"auroc": value, "strength": strength, "constant": constant}
-            if record.get("ci_low") is not None and not constant and strength >= record["ci_low"]:
+            if above_chance(record) and not constant and strength >= record["ci_low"]:
                 flagged.append(name)
         record["shortcuts"] = checks
         record["shortcut_flags"] = flagged
@@ -91,7 +97,7 @@ def paraphrase_table(
     """Return the paraphrases of every vocabulary concept: configured ones first, then the file's, then built-in.
 
     Duplicates are dropped.  A paraphrase equal to a training concept is not
-    unseen and is an error; so is a concept with fewer than ``minimum``.
+    unseen and raises an error, and so does a concept with fewer than ``minimum``.
     """
     trained = {text.casefold() for text in vocabulary}
     table: dict[str, list[str]] = {}
@@ -134,7 +140,7 @@ def paraphrase_checks(
 ) -> None:
     """Add each paraphrase's held-out AUROC and the worst of them to every record.
 
-    ``variant_scores[p]`` holds the held-out cosines with the texts of
+    ``variant_scores[p]`` contains the held-out cosines with the texts of
     ``variants[p]`` in place of the vocabulary.  A concept is fragile when its
     worst paraphrase is not above 0.5 or not above the random heads' 95th percentile.
     """
@@ -217,7 +223,11 @@ def leave_out_section(
 
 
 def concept_warnings(records: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
-    """Return, per concept, the checks it failed beyond the gate (shortcuts, fragile paraphrases)."""
+    """Return, per concept, the checks it failed beyond the gate (shortcuts, fragile paraphrases).
+
+    Only records whose head is above chance (lower bound above 0.5) are
+    checked: a shortcut cannot explain a head that predicts nothing.
+    """
     warnings: dict[str, list[str]] = {}
     for record in records:
         found = []
@@ -227,7 +237,7 @@ def concept_warnings(records: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
                 f"{record['source']}: the {name.replace('_', ' ')} alone reaches AUROC {strength:.3f}, at or above "
                 f"the head's lower bound {record['ci_low']:.3f}"
             )
-        if record.get("paraphrase_fragile"):
+        if record.get("paraphrase_fragile") and above_chance(record):
             found.append(
                 f"{record['source']}: the paraphrase {record['paraphrase_worst_text']!r} scores AUROC "
                 f"{record['paraphrase_worst_auroc']:.3f}, not above chance and the random heads"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mammo_dissect.core.alignment_checks import SHORTCUTS
+from mammo_dissect.core.alignment_checks import above_chance
 
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ def card_view(card: dict[str, Any]) -> dict[str, Any]:
         for name in SHORTCUTS:
             found = shortcuts.get(name)
             row[name] = found["auroc"] if found else None
+            row[f"{name}_constant"] = bool(found and found.get("constant"))
+        # A paraphrase cannot break a head that predicts nothing, so fragility is shown only above chance.
+        row["paraphrase_fragile"] = bool(row["paraphrase_fragile"]) and above_chance(record)
         rows.append(row)
     bad_labels = [
         {

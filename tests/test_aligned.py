@@ -139,7 +139,7 @@ def test_ungated_concepts_are_rejected(tmp_path: Path) -> None:
     dissector.check(AlignedOptions(card=str(card), allow_ungated=True), None, ["fatty tissue"])  # type: ignore[arg-type]
 
 
-def test_card_warnings_are_logged_for_the_concepts_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_card_warnings_logged_for_used_concepts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     card = write_card(tmp_path, ["pectoral muscle", "fatty tissue"])
     values = json.loads(card.read_text(encoding="utf-8"))
     values["concept_warnings"] = {"fatty tissue": ["ddsm: the background fraction alone reaches AUROC 0.950"]}
@@ -257,7 +257,8 @@ name = "correlation"
     code, _out, err = run_main(["-q", "run", str(config), "--report", str(report)], capsys)
     assert code == 0, err
     html = (report / "index.html").read_text(encoding="utf-8")
-    assert "Alignment card:" in html and "Leave-concept-out" in html
+    assert "Alignment card:" in html
+    assert "Leave-concept-out" in html
     for concept in gated:
         assert f"<td>{concept}</td>" in html
     # The card is shown as a section, not dumped as JSON into the models table.

@@ -49,7 +49,7 @@ def record(concept: str, ci_low: float | None, gated: bool = True) -> dict:
 # ---------------------------------------------------------------- shortcuts
 
 
-def test_a_crop_size_that_predicts_the_caption_is_flagged() -> None:
+def test_predictive_crop_size_is_flagged() -> None:
     pairs = two_concept_pairs()
     is_mass = pairs.targets[:, 0] == 1
     values = np.column_stack([np.where(is_mass, 96.0, 64.0), np.full(len(is_mass), 0.25)])
@@ -67,13 +67,14 @@ def test_a_crop_size_that_predicts_the_caption_is_flagged() -> None:
     assert "crop side alone reaches AUROC 1.000" in warnings["mass"][0]
 
 
-def test_a_weak_shortcut_is_not_flagged_and_the_gate_option_ungates_strong_ones() -> None:
+def test_weak_shortcut_not_flagged_strong_ungated() -> None:
     pairs = two_concept_pairs()
     rng = np.random.default_rng(0)
     values = np.column_stack([rng.normal(size=40), rng.normal(size=40)])
     weak = [record("mass", 0.95)]
     shortcut_checks(weak, pairs, values, gate_on_flags=True)
-    assert weak[0]["shortcut_flags"] == [] and weak[0]["gated"] is True
+    assert weak[0]["shortcut_flags"] == []
+    assert weak[0]["gated"] is True
 
     is_mass = pairs.targets[:, 0] == 1
     strong = [record("mass", 0.7)]
@@ -82,7 +83,7 @@ def test_a_weak_shortcut_is_not_flagged_and_the_gate_option_ungates_strong_ones(
     assert "shortcuts_gate" in strong[0]["reason"]
 
 
-def test_shortcut_values_measure_crop_side_and_background() -> None:
+def test_shortcut_values_side_and_background() -> None:
     image = np.zeros((64, 64), dtype=np.float32)
     image[:, :32] = 0.8  # the breast fills the left half
     probe_set = SimpleNamespace(reader="r", read=lambda index: image)
@@ -101,7 +102,7 @@ def test_shortcut_values_measure_crop_side_and_background() -> None:
 # ---------------------------------------------------------------- paraphrases
 
 
-def test_paraphrase_table_merges_sources_in_order_and_drops_duplicates() -> None:
+def test_paraphrase_table_merge_order() -> None:
     table = paraphrase_table(
         ["mass"],
         builtin={"mass": ["lump", "nodule"]},
@@ -112,14 +113,14 @@ def test_paraphrase_table_merges_sources_in_order_and_drops_duplicates() -> None
     assert table == {"mass": ["tumour", "lesion", "lump", "nodule"]}
 
 
-def test_paraphrase_table_refuses_seen_texts_and_short_lists() -> None:
+def test_paraphrase_table_rejects_bad_lists() -> None:
     with pytest.raises(ConfigError, match="'Normal' of concept 'mass' is itself a training concept"):
         paraphrase_table(["mass", "normal"], {"mass": ["Normal", "lump"], "normal": ["a", "b"]}, {}, {}, 2)
     with pytest.raises(ConfigError, match=r"2 concept\(s\) have fewer than 2 paraphrases: 'mass' \(1\), 'aircraft' \(0\)"):
         paraphrase_table(["mass", "aircraft"], {"mass": ["lump"]}, {}, {}, 2)
 
 
-def test_paraphrase_checks_report_the_worst_and_flag_fragile_concepts() -> None:
+def test_paraphrase_checks_worst_and_fragile() -> None:
     pairs = two_concept_pairs()
     is_mass = pairs.targets[:, 0]
     good = np.column_stack([is_mass, 1 - is_mass])
@@ -130,14 +131,15 @@ def test_paraphrase_checks_report_the_worst_and_flag_fragile_concepts() -> None:
     paraphrase_checks(records, pairs, variants, [good, reversed_scores])
     mass, normal = records
     assert [item["text"] for item in mass["paraphrases"]] == ["lump", "nodule"]
-    assert mass["paraphrase_worst_text"] == "nodule" and mass["paraphrase_worst_auroc"] == 0.0
+    assert mass["paraphrase_worst_text"] == "nodule"
+    assert mass["paraphrase_worst_auroc"] == 0.0
     assert mass["paraphrase_fragile"] is True
     assert normal["paraphrases"] == [{"text": "healthy", "auroc": 1.0}]
     assert normal["paraphrase_fragile"] is False
     assert "'nodule' scores AUROC 0.000" in concept_warnings(records)["mass"][0]
 
 
-def test_builtin_paraphrases_cover_every_builtin_annotation_vocabulary() -> None:
+def test_builtin_paraphrases_cover_probe_sets() -> None:
     from mammo_dissect.plugins.probe_sets import cbis_ddsm_csv
     from mammo_dissect.plugins.probe_sets import ddsm_seg66
     from mammo_dissect.plugins.probe_sets import mini_mias
@@ -168,14 +170,14 @@ def test_builtin_paraphrases_cover_every_builtin_annotation_vocabulary() -> None
         ("mass\tlump\nmass\tnodule\n", "appears a second time"),
     ],
 )
-def test_paraphrase_files_with_errors_are_refused(tmp_path: Path, content: str, message: str) -> None:
+def test_invalid_paraphrase_files_rejected(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "paraphrases.tsv"
     path.write_text("# concept\tparaphrases\n" + content, encoding="utf-8")
     with pytest.raises(ConceptSetError, match=message):
         read_paraphrases(path)
 
 
-def test_paraphrase_file_must_exist_and_be_utf8(tmp_path: Path) -> None:
+def test_paraphrase_file_missing_or_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(ConceptSetError, match="not found"):
         read_paraphrases(tmp_path / "none.tsv")
     latin = tmp_path / "latin.tsv"
@@ -187,15 +189,16 @@ def test_paraphrase_file_must_exist_and_be_utf8(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- leave-concept-out
 
 
-def test_without_concept_removes_the_column_from_captions_and_competitors() -> None:
+def test_without_concept_clears_column() -> None:
     pairs = two_concept_pairs(6)
     left = without_concept(pairs, 0)
-    assert left.targets[:, 0].sum() == 0 and not left.allowed[:, 0].any()
+    assert left.targets[:, 0].sum() == 0
+    assert not left.allowed[:, 0].any()
     assert (left.targets[:, 1] == pairs.targets[:, 1]).all()
     assert pairs.targets[:, 0].sum() == 3  # the original is untouched
 
 
-def test_leave_out_choice_prefers_the_configured_then_the_best_gated_concept() -> None:
+def test_leave_out_choice_order() -> None:
     records = [
         {"concept": "a", "auroc": 0.9}, {"concept": "b", "auroc": 0.8}, {"concept": "c", "auroc": None},
     ]
@@ -205,7 +208,7 @@ def test_leave_out_choice_prefers_the_configured_then_the_best_gated_concept() -
     assert leave_out_choice([{"concept": "c", "auroc": None}], [], []) == []
 
 
-def test_a_head_trained_without_a_concept_is_scored_on_it() -> None:
+def test_leave_out_section_scores_concept() -> None:
     import torch
 
     rng = np.random.default_rng(0)
@@ -232,7 +235,7 @@ def test_a_head_trained_without_a_concept_is_scored_on_it() -> None:
 # ---------------------------------------------------------------- symmetric loss
 
 
-def test_text_to_image_loss_is_each_concepts_softmax_over_samples() -> None:
+def test_text_to_image_loss_formula() -> None:
     import torch
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0]])
@@ -248,7 +251,7 @@ def test_text_to_image_loss_is_each_concepts_softmax_over_samples() -> None:
                          multi_positive_loss(logits, targets, allowed))
 
 
-def test_text_to_image_loss_without_positives_is_zero_and_keeps_gradients() -> None:
+def test_text_to_image_loss_without_positives() -> None:
     import torch
 
     logits = torch.ones(3, 2, requires_grad=True)
@@ -256,3 +259,14 @@ def test_text_to_image_loss_without_positives_is_zero_and_keeps_gradients() -> N
     assert loss.item() == 0.0
     loss.backward()
     assert logits.grad is not None
+
+
+def test_chance_heads_get_no_flags() -> None:
+    pairs = two_concept_pairs()
+    is_mass = pairs.targets[:, 0] == 1
+    records = [record("mass", 0.45)]
+    shortcut_checks(records, pairs, np.column_stack([is_mass * 1.0, is_mass * 1.0]), gate_on_flags=False)
+    assert records[0]["shortcuts"]["crop_side"]["strength"] == 1.0
+    assert records[0]["shortcut_flags"] == []
+    records[0].update(paraphrase_fragile=True, paraphrase_worst_text="lump", paraphrase_worst_auroc=0.4)
+    assert concept_warnings(records) == {}

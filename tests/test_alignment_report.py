@@ -50,7 +50,12 @@ def full_card() -> dict:
                 paraphrases=[{"text": "no abnormality", "auroc": 0.75}, {"text": "healthy <tissue>", "auroc": 0.52}],
                 paraphrase_worst_auroc=0.52, paraphrase_worst_text="healthy <tissue>", paraphrase_fragile=True,
             ),
-            concept_record("calcification", False),
+            concept_record(
+                "calcification", False,
+                shortcuts={"crop_side": {"auroc": 0.5, "strength": 0.5, "constant": True}},
+                paraphrase_fragile=True, paraphrase_worst_text="calcium deposits", paraphrase_worst_auroc=0.4,
+                ci_low=0.3,
+            ),
         ],
         "leave_concept_out": [
             {"concept": "normal", "sources": [{"source": "mias-lesions", "auroc": 0.51, "ci_low": 0.45,
@@ -62,22 +67,29 @@ def full_card() -> dict:
     }
 
 
-def test_card_page_shows_checks_warnings_and_escapes_text(tmp_path: Path) -> None:
+def test_card_page_shows_checks_escaped(tmp_path: Path) -> None:
     card = tmp_path / "card.json"
     card.write_text(json.dumps(full_card()), encoding="utf-8")
     page = render_card(card, tmp_path / "out" / "card.html")
     html = page.read_text(encoding="utf-8")
-    assert "Lite0 &lt;head&gt;" in html and "<head>" not in html.split("</head>", 1)[1]
-    assert "healthy &lt;tissue&gt;" in html and "fragile" in html
+    assert "Lite0 &lt;head&gt;" in html
+    assert "<head>" not in html.split("</head>", 1)[1]
+    assert "healthy &lt;tissue&gt;" in html
+    assert "fragile" in html
     assert "0.100 <strong>flag</strong>" in html  # crop side of "normal"
     assert "the crop side alone reaches AUROC 0.900" in html
-    assert "90% interval" in html and "symmetric" in html
-    assert "mdb212" in html and "Leave-concept-out" in html
+    assert "90% interval" in html
+    assert "symmetric" in html
+    assert "mdb212" in html
+    assert "Leave-concept-out" in html
     assert "0.550" in html  # the shuffled heads' mean over the measured ones
     assert "out: lower bound 0.400 is not above 0.5" in html
+    assert ">constant<" in html
+    # Fragility is not shown for a head below chance.
+    assert html.count("fragile</strong>") == 1
 
 
-def test_a_format_1_card_renders_with_dashes(tmp_path: Path) -> None:
+def test_format_1_card_renders_dashes(tmp_path: Path) -> None:
     old = full_card()
     for record in old["concepts"]:
         for key in ("shortcuts", "shortcut_flags", "paraphrases", "paraphrase_worst_auroc", "paraphrase_worst_text",
@@ -87,11 +99,13 @@ def test_a_format_1_card_renders_with_dashes(tmp_path: Path) -> None:
         old.pop(key)
     old["card_format"] = 1
     view = card_view(old)
-    assert view["concepts"][0]["crop_side"] is None and view["loss"] == "image_to_text"
+    assert view["concepts"][0]["crop_side"] is None
+    assert view["loss"] == "image_to_text"
     card = tmp_path / "card.json"
     card.write_text(json.dumps(old), encoding="utf-8")
     html = render_card(card, tmp_path / "card.html").read_text(encoding="utf-8")
-    assert "Leave-concept-out" not in html and "Warnings" not in html
+    assert "Leave-concept-out" not in html
+    assert "Warnings" not in html
 
 
 def test_align_card_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,12 +113,13 @@ def test_align_card_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     card.write_text(json.dumps(full_card()), encoding="utf-8")
     code, out, err = run_main(["align", "card", str(card), "--out", str(tmp_path / "card.html")], capsys)
     assert code == 0, err
-    assert "card.html" in out and (tmp_path / "card.html").is_file()
+    assert "card.html" in out
+    assert (tmp_path / "card.html").is_file()
 
 
 @pytest.mark.parametrize(("content", "message"), [(None, "card not found"), ("{", "not readable JSON"),
-                                                  ("[1]", "JSON list, not an object")])
-def test_bad_card_files_are_refused(tmp_path: Path, content: str | None, message: str) -> None:
+                                                  ("[1]", "contains a JSON list, not an object")])
+def test_invalid_card_files_rejected(tmp_path: Path, content: str | None, message: str) -> None:
     card = tmp_path / "card.json"
     if content is not None:
         card.write_text(content, encoding="utf-8")
