@@ -166,7 +166,8 @@ class LayerActivations:
 PROGRESS_FILE = "progress.json"
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Return whether ``exc`` reports that the device (or the host) ran out of memory."""
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
@@ -256,7 +257,7 @@ def extract_activations(
                     pooled, shapes, repeated_calls, arrays, paths, out_dir, bar,
                 )
             except (RuntimeError, MemoryError) as exc:
-                if not _is_out_of_memory(exc) or batch_size == 1:
+                if not is_out_of_memory(exc) or batch_size == 1:
                     raise
                 batch_size = max(1, batch_size // 2)
                 logger.warning(

@@ -231,3 +231,64 @@ def test_ray_missing_names_install_command(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(RayExecutorError, match=r'pip install "mammo-dissect\[ray\]"'):
         import_ray()
+
+
+def tiny_actor(tiny_registry, synthetic_probe):
+    """Return a Ray extraction actor built in this process (no Ray needed) for the tiny CNN."""
+    from mammo_dissect.core.types import validate_options
+    from mammo_dissect.plugins.executors.ray_executor import ExtractionActor
+
+    reader = tiny_registry.get("probe set", "synthetic")
+    probe_set = reader.load(validate_options(reader.Options, {"root": str(synthetic_probe)}, "probe_set.options"))
+    return ExtractionActor(
+        ["mammo_dissect.tests.tiny_plugins"], "tiny-cnn", {}, ["features.0", "head"], probe_set, "avg", "cpu", "float32"
+    )
+
+
+def test_ray_actor_halves_batch_on_oom(tiny_registry, synthetic_probe):
+    import torch
+
+    actor = tiny_actor(tiny_registry, synthetic_probe)
+    batch = {"id": np.arange(8)}
+    expected = actor(batch)
+    original = actor.model
+    sizes = []
+
+    def limited(images):
+        sizes.append(images.shape[0])
+        if images.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(images)
+
+    actor.model = limited
+    split = actor(batch)
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]
+    for column, values in expected.items():
+        assert list(split[column]) == list(values), column
+
+
+def test_ray_actor_oom_on_one_image_raises(tiny_registry, synthetic_probe):
+    import torch
+
+    actor = tiny_actor(tiny_registry, synthetic_probe)
+
+    def no_memory(images):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    actor.model = no_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        actor({"id": np.arange(2)})
+
+
+def test_ray_actor_other_errors_not_retried(tiny_registry, synthetic_probe):
+    actor = tiny_actor(tiny_registry, synthetic_probe)
+    sizes = []
+
+    def broken(images):
+        sizes.append(images.shape[0])
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    actor.model = broken
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        actor({"id": np.arange(4)})
+    assert sizes == [4]

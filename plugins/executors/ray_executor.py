@@ -35,6 +35,7 @@ from mammo_dissect.core.errors import MammoDissectError
 from mammo_dissect.core.extraction import LayerActivations
 from mammo_dissect.core.extraction import NonFiniteActivationError
 from mammo_dissect.core.extraction import ResolvedLayer
+from mammo_dissect.core.extraction import is_out_of_memory
 from mammo_dissect.core.extraction import pool_output
 from mammo_dissect.core.extraction import resolve_layers
 from mammo_dissect.core.extraction import safe_file_name
@@ -45,6 +46,8 @@ from mammo_dissect.core.types import ProbeSet
 
 
 if TYPE_CHECKING:
+    import torch
+
     from mammo_dissect.core.pipeline import Plan
 
 
@@ -168,32 +171,63 @@ class ExtractionActor:
 
         indices = np.asarray(batch["id"], dtype=np.int64)
         images = torch.stack([self.target.preprocess(self.probe_set.read(int(index))) for index in indices])
+        pooled = self._forward_splitting(images)
+        out: dict[str, np.ndarray] = {INDEX_COLUMN: indices}
+        for position, layer in enumerate(self.layers):
+            rows = np.ascontiguousarray(pooled[layer.name].numpy(), dtype=np.float32)
+            # Raw float32 bytes keep the values exact and need no tensor extension type to read back.
+            out[layer_column(position)] = np.array([row.tobytes() for row in rows], dtype=object)
+        shapes = json.dumps({layer.name: self.shapes.get(layer.name, []) for layer in self.layers})
+        out[SHAPES_COLUMN] = np.array([shapes] * len(indices), dtype=object)
+        return out
+
+
+    def _forward_splitting(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return each layer's pooled rows [B x K] on the CPU, halving the batch while the device runs out of memory.
+
+        Results do not depend on the split, because every image is pooled on its own.
+        """
+        import torch
+
+        try:
+            return self._forward(images)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc) or images.shape[0] == 1:
+                raise
+            logger.warning("out of memory on a batch of %d images; running it in two halves: %s", images.shape[0], exc)
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        middle = images.shape[0] // 2
+        first = self._forward_splitting(images[:middle])
+        second = self._forward_splitting(images[middle:])
+        return {name: torch.cat([first[name], second[name]]) for name in first}
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run one forward pass and return each requested layer's pooled rows on the CPU."""
+        import torch
+
         self.pooled.clear()
         device_type = torch.device(self.device).type
         with torch.inference_mode():
-            images = images.to(self.device)
+            on_device = images.to(self.device)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
-                self.model(images)
+                self.model(on_device)
         if self.repeated_calls:
             raise LayerError(
                 f"layer(s) {', '.join(sorted(self.repeated_calls))} run more than once per forward pass "
                 f"(a shared module such as an activation reused by several blocks), so their "
                 f"output is ambiguous; choose the block or convolution that contains them"
             )
-        out: dict[str, np.ndarray] = {INDEX_COLUMN: indices}
-        for position, layer in enumerate(self.layers):
+        result = {}
+        for layer in self.layers:
             values = self.pooled.get(layer.name)
             if values is None:
                 raise LayerError(
                     f"layer {layer.name!r} was not called during the forward pass; "
                     f"choose a layer the model's forward() uses"
                 )
-            rows = np.ascontiguousarray(values.cpu().numpy(), dtype=np.float32)
-            # Raw float32 bytes keep the values exact and need no tensor extension type to read back.
-            out[layer_column(position)] = np.array([row.tobytes() for row in rows], dtype=object)
-        shapes = json.dumps({layer.name: self.shapes.get(layer.name, []) for layer in self.layers})
-        out[SHAPES_COLUMN] = np.array([shapes] * len(indices), dtype=object)
-        return out
+            result[layer.name] = values.float().cpu()
+        return result
 
 
 def layer_column(position: int) -> str:
