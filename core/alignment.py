@@ -402,18 +402,6 @@ def fold_heads(
     return FoldHeads(trained)
 
 
-def cross_validated_scores(
-    features: np.ndarray,
-    pairs: Pairs,
-    folds: np.ndarray,
-    text_embeddings: torch.Tensor,
-    settings: TrainingConfig,
-    seed: int,
-) -> np.ndarray:
-    """Return held-out cosines: each sample is scored by the head trained without its fold."""
-    return fold_heads(features, pairs, folds, text_embeddings, settings, seed).scores(features, text_embeddings)
-
-
 def without_concept(pairs: Pairs, column: int) -> Pairs:
     """Return pairs in which concept ``column`` is neither a caption nor a competitor of any sample.
 
