@@ -192,36 +192,34 @@ def layer_categories(database: Database, run_ids: Sequence[str]) -> list[dict[st
 
 
 def _macro_rows(
-    database: Database, run_ids: Sequence[str], threshold: str, alpha: float | None, macro: str, order_by: str
+    database: Database, run_ids: Sequence[str], threshold: str, alpha: float | None, macro: str, then_by: str
 ) -> list[dict[str, Any]]:
-    """Call a threshold-aware table macro for ``run_ids`` and return its rows in ``order_by`` order.
+    """Call a threshold-aware table macro for ``run_ids`` and return its rows.
 
-    ``order_by`` uses ``list_position(?::VARCHAR[], run_id)`` once, to keep the runs in the order given.
+    Rows are sorted by run, in the order of ``run_ids``, then by the ORDER BY terms in ``then_by``.
     """
     _check_threshold(threshold, alpha)
     with open_store(database) as store:
         full_ids = resolve_run_ids(store, run_ids)
-        return _rows(store, f"SELECT * FROM {_macro_call(macro)} {order_by}", [full_ids, threshold, alpha, full_ids])
+        return _rows(
+            store,
+            f"SELECT * FROM {_macro_call(macro)} ORDER BY list_position(?::VARCHAR[], run_id), {then_by}",
+            [full_ids, threshold, alpha, full_ids],
+        )
 
 
 def passing_units(
     database: Database, run_ids: Sequence[str], threshold: str = "global", alpha: float | None = None
 ) -> list[dict[str, Any]]:
     """Return every unit of the runs with its threshold and whether it passes (``passes``)."""
-    return _macro_rows(
-        database, run_ids, threshold, alpha, "passing_units",
-        "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id, unit",
-    )
+    return _macro_rows(database, run_ids, threshold, alpha, "passing_units", "depth, layer_id, unit")
 
 
 def passing_layer_summary(
     database: Database, run_ids: Sequence[str], threshold: str = "global", alpha: float | None = None
 ) -> list[dict[str, Any]]:
     """Return per run and layer: passing units and how many of them are mammography, non-mammography, unknown."""
-    return _macro_rows(
-        database, run_ids, threshold, alpha, "passing_layer_summary",
-        "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id",
-    )
+    return _macro_rows(database, run_ids, threshold, alpha, "passing_layer_summary", "depth, layer_id")
 
 
 def passing_broad_categories(
@@ -230,8 +228,7 @@ def passing_broad_categories(
     """Return per run and layer the broad categories of passing units, most frequent first."""
     return _macro_rows(
         database, run_ids, threshold, alpha, "passing_broad_categories",
-        "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id, category_rank, "
-        "broad_category NULLS LAST",
+        "depth, layer_id, category_rank, broad_category NULLS LAST",
     )
 
 
@@ -241,8 +238,7 @@ def passing_categories(
     """Return per run and layer the number of passing units per broad category and category."""
     return _macro_rows(
         database, run_ids, threshold, alpha, "passing_categories",
-        "ORDER BY list_position(?::VARCHAR[], run_id), depth, layer_id, n_units DESC, "
-        "broad_category NULLS LAST, category NULLS LAST",
+        "depth, layer_id, n_units DESC, broad_category NULLS LAST, category NULLS LAST",
     )
 
 
@@ -305,10 +301,7 @@ def concept_coverage(
     database: Database, run_ids: Sequence[str], threshold: str = "global", alpha: float | None = None
 ) -> list[dict[str, Any]]:
     """Return every concept of each run with the number of passing units it labels (0 = never)."""
-    return _macro_rows(
-        database, run_ids, threshold, alpha, "concept_coverage",
-        "ORDER BY list_position(?::VARCHAR[], run_id), concept_id",
-    )
+    return _macro_rows(database, run_ids, threshold, alpha, "concept_coverage", "concept_id")
 
 
 def category_coverage(
@@ -316,8 +309,7 @@ def category_coverage(
 ) -> list[dict[str, Any]]:
     """Return per run and category how many of its concepts label at least one passing unit."""
     return _macro_rows(
-        database, run_ids, threshold, alpha, "category_coverage",
-        "ORDER BY list_position(?::VARCHAR[], run_id), broad_category NULLS LAST, category NULLS LAST",
+        database, run_ids, threshold, alpha, "category_coverage", "broad_category NULLS LAST, category NULLS LAST"
     )
 
 

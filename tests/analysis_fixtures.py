@@ -23,8 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mammo_dissect.core.results import ConceptRecord
 from mammo_dissect.core.results import LayerRecord
 from mammo_dissect.core.results import RunResults
@@ -32,6 +30,7 @@ from mammo_dissect.core.results import UnitTables
 from mammo_dissect.core.store import Store
 from mammo_dissect.tests.store_fixtures import HOSTILE_CONCEPT
 from mammo_dissect.tests.store_fixtures import make_results
+from mammo_dissect.tests.store_fixtures import unit_tables_from_rows
 
 
 #: (text, category, broad category); the hostile concept has no category (unknown).
@@ -76,26 +75,7 @@ def _unit_tables(units: dict[str, tuple[list[float], list[int], list[float] | No
             percentile = 100.0 * below / (len(top_scores) - 1)
             p_value = float("nan") if p_values is None else p_values[unit]
             scores.append((layer_id, unit, top, percentile, p_value))
-    label_columns = list(zip(*labels))
-    image_columns = list(zip(*images))
-    score_columns = list(zip(*scores))
-    return UnitTables(
-        label_layer_id=np.array(label_columns[0], dtype=np.int64),
-        label_unit=np.array(label_columns[1], dtype=np.int64),
-        label_rank=np.array(label_columns[2], dtype=np.int64),
-        label_concept_id=np.array(label_columns[3], dtype=np.int64),
-        label_score=np.array(label_columns[4], dtype=np.float32),
-        image_layer_id=np.array(image_columns[0], dtype=np.int64),
-        image_unit=np.array(image_columns[1], dtype=np.int64),
-        image_rank=np.array(image_columns[2], dtype=np.int64),
-        image_index=np.array(image_columns[3], dtype=np.int64),
-        image_activation=np.array(image_columns[4], dtype=np.float32),
-        score_layer_id=np.array(score_columns[0], dtype=np.int64),
-        score_unit=np.array(score_columns[1], dtype=np.int64),
-        score_top=np.array(score_columns[2], dtype=np.float32),
-        score_percentile=np.array(score_columns[3], dtype=np.float32),
-        score_p_value=np.array(score_columns[4], dtype=np.float32),
-    )
+    return unit_tables_from_rows(labels, images, scores)
 
 
 def make_comparison_results(run_id: str, image_paths: list[Path], **changes: Any) -> RunResults:

@@ -78,6 +78,20 @@ def make_unit_tables() -> UnitTables:
             percentile = 100.0 * (n_units - 1 - unit) / max(n_units - 1, 1)
             scores.append((layer_id, unit, top, percentile, p_value))
 
+    return unit_tables_from_rows(labels, images, scores)
+
+
+def unit_tables_from_rows(
+    labels: list[tuple[int, int, int, int, float]],
+    images: list[tuple[int, int, int, int, float]],
+    scores: list[tuple[int, int, float, float, float]],
+) -> UnitTables:
+    """Build :class:`UnitTables` from row tuples, one tuple per stored row.
+
+    ``labels`` rows are (layer id, unit, rank, concept id, score), ``images``
+    rows (layer id, unit, rank, image index, activation) and ``scores`` rows
+    (layer id, unit, top score, percentile, p-value).
+    """
     label_columns = list(zip(*labels))
     image_columns = list(zip(*images))
     score_columns = list(zip(*scores))

@@ -17,9 +17,6 @@ from typing import Any
 from pydantic import Field
 from pydantic import field_validator
 
-from mammo_dissect.core.embedding import check_concept_lengths
-from mammo_dissect.core.embedding import validate_prompt_template
-from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.hookspecs import Register
 from mammo_dissect.core.hookspecs import hookimpl
@@ -27,8 +24,14 @@ from mammo_dissect.core.images import ImagePreprocess
 from mammo_dissect.core.types import EmbeddingDissector
 from mammo_dissect.core.types import LoadedDissector
 from mammo_dissect.core.types import Options
-from mammo_dissect.core.weights import URL_PATTERN
 from mammo_dissect.core.weights import sha256_file
+from mammo_dissect.plugins.dissectors.clip_common import PromptTemplate
+from mammo_dissect.plugins.dissectors.clip_common import TruncateLongConcepts
+from mammo_dissect.plugins.dissectors.clip_common import check_local_path
+from mammo_dissect.plugins.dissectors.clip_common import encoder_fields
+from mammo_dissect.plugins.dissectors.clip_common import require_options
+from mammo_dissect.plugins.dissectors.clip_common import transformers_token_count
+from mammo_dissect.plugins.dissectors.clip_common import transformers_tokens
 
 
 if TYPE_CHECKING:
@@ -54,30 +57,14 @@ class HfClipOptions(Options):
     """Options of the ``hf_clip`` dissector."""
 
     model_dir: str = Field(description="local directory written by save_pretrained (config, weights, tokenizer, preprocessor)")
-    prompt_template: str | None = Field(
-        default=None,
-        description="template with one {} that each concept is put into before encoding; default: the bare concept",
-    )
-    truncate_long_concepts: bool = Field(
-        default=False,
-        description="truncate concepts longer than the text context length with a warning instead of failing",
-    )
+    prompt_template: PromptTemplate = None
+    truncate_long_concepts: TruncateLongConcepts = False
 
     @field_validator("model_dir")
     @classmethod
     def check_local(cls, value: str) -> str:
         """Reject empty values, URLs and Hub names."""
-        if not value.strip():
-            raise ValueError("must not be empty")
-        if URL_PATTERN.match(value) or value.startswith("hf-hub:"):
-            raise ValueError("must be a local directory; mammo-dissect never downloads models")
-        return value
-
-    @field_validator("prompt_template")
-    @classmethod
-    def check_prompt_template(cls, value: str | None) -> str | None:
-        """Require exactly one ``{}`` placeholder and no other format fields."""
-        return validate_prompt_template(value)
+        return check_local_path(value, "a local directory")
 
 
 @dataclass
@@ -141,9 +128,7 @@ def register_dissectors(register: Register) -> None:
 
 def as_hf_clip_options(options: Options) -> HfClipOptions:
     """Return ``options`` as :class:`HfClipOptions` or raise :class:`ConfigError`."""
-    if not isinstance(options, HfClipOptions):
-        raise ConfigError(f"the hf_clip dissector needs HfClipOptions, got {type(options).__name__}")
-    return options
+    return require_options(options, HfClipOptions, HfClipDissector)
 
 
 def check_model_dir(value: str) -> Path:
@@ -218,50 +203,34 @@ def make_loaded_dissector(
     sha: str,
 ) -> HfClipLoadedDissector:
     """Wrap the CLIP encoders and tokenizer in a loaded dissector."""
-    import torch
-
-    template = options.prompt_template
     context_length = int(model.config.text_config.max_position_embeddings)
 
-    def device_of_model() -> torch.device:
-        return next(model.parameters()).device
+    def image_features(pixels: torch.Tensor) -> torch.Tensor:
+        return features_tensor(model.get_image_features(pixel_values=pixels))
 
-    def to_prompts(concepts: list[str]) -> list[str]:
-        return [template.format(concept) for concept in concepts] if template else list(concepts)
-
-    def encode_images(batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return features_tensor(model.get_image_features(pixel_values=batch.to(device_of_model())))
-
-    def encode_texts(concepts: list[str]) -> torch.Tensor:
-        tokens = tokenizer(to_prompts(concepts), padding=True, truncation=True, max_length=context_length, return_tensors="pt")
-        device = device_of_model()
-        with torch.no_grad():
-            output = model.get_text_features(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
-        return features_tensor(output)
-
-    def check_texts(concepts: list[str]) -> None:
-        check_concept_lengths(
-            concepts, to_prompts(concepts), lambda prompt: len(tokenizer(prompt, truncation=False)["input_ids"]),
-            context_length, f"the CLIP model in {options.model_dir!r}", options.truncate_long_concepts,
+    def text_features(prompts: list[str], device: torch.device) -> torch.Tensor:
+        input_ids, attention_mask = transformers_tokens(
+            tokenizer, prompts, device, padding=True, max_length=context_length
         )
-
-    def move_to(device: str) -> None:
-        try:
-            model.to(device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"cannot move the CLIP model to device {device!r}: {exc}; use 'cpu' or an available device") from exc
+        return features_tensor(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
     return HfClipLoadedDissector(
-        encode_images=encode_images,
-        encode_texts=encode_texts,
+        **encoder_fields(
+            model,
+            template=options.prompt_template,
+            image_features=image_features,
+            text_features=text_features,
+            count_tokens=transformers_token_count(tokenizer),
+            context_length=context_length,
+            text_encoder_name=f"the CLIP model in {options.model_dir!r}",
+            truncate_long_concepts=options.truncate_long_concepts,
+            model_name="the CLIP model",
+        ),
         preprocess=preprocess,
         spec=f"hf_clip {Path(options.model_dir).name}",
         weights_path=str(weights),
         weights_sha256=sha,
         max_text_tokens=context_length,
-        to=move_to,
-        check_texts=check_texts,
         model=model,
         tokenizer=tokenizer,
     )

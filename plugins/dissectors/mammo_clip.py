@@ -27,17 +27,19 @@ from typing import Any
 from pydantic import Field
 from pydantic import field_validator
 
-from mammo_dissect.core.embedding import check_concept_lengths
-from mammo_dissect.core.embedding import validate_prompt_template
-from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.hookspecs import Register
 from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.types import EmbeddingDissector
 from mammo_dissect.core.types import LoadedDissector
 from mammo_dissect.core.types import Options
-from mammo_dissect.core.weights import URL_PATTERN
 from mammo_dissect.core.weights import load_weights_strict
+from mammo_dissect.plugins.dissectors.clip_common import PromptTemplate
+from mammo_dissect.plugins.dissectors.clip_common import check_local_path
+from mammo_dissect.plugins.dissectors.clip_common import encoder_fields
+from mammo_dissect.plugins.dissectors.clip_common import require_options
+from mammo_dissect.plugins.dissectors.clip_common import transformers_token_count
+from mammo_dissect.plugins.dissectors.clip_common import transformers_tokens
 from mammo_dissect.plugins.mammo_clip_checkpoint import MammoClipCheckpoint
 from mammo_dissect.plugins.mammo_clip_checkpoint import build_image_encoder
 from mammo_dissect.plugins.mammo_clip_checkpoint import build_preprocess
@@ -72,10 +74,7 @@ class MammoClipOptions(Options):
             "config.json or tokenizer_config.json); never downloaded"
         ),
     )
-    prompt_template: str | None = Field(
-        default=None,
-        description="template with one {} that each concept is put into before encoding; default: the bare concept",
-    )
+    prompt_template: PromptTemplate = None
     truncate_long_concepts: bool = Field(
         default=False,
         description=f"truncate concepts longer than {MAX_TEXT_TOKENS} tokens with a warning instead of failing",
@@ -84,18 +83,8 @@ class MammoClipOptions(Options):
     @field_validator("checkpoint", "tokenizer")
     @classmethod
     def check_not_blank(cls, value: str) -> str:
-        """Reject empty values and URLs."""
-        if not value.strip():
-            raise ValueError("must not be empty")
-        if URL_PATTERN.match(value) or value.startswith("hf-hub:"):
-            raise ValueError("must be a local path; mammo-dissect never downloads models")
-        return value
-
-    @field_validator("prompt_template")
-    @classmethod
-    def check_prompt_template(cls, value: str | None) -> str | None:
-        """Require exactly one ``{}`` placeholder and no other format fields."""
-        return validate_prompt_template(value)
+        """Reject empty values, URLs and Hub names."""
+        return check_local_path(value, "a local path")
 
 
 @dataclass
@@ -157,12 +146,7 @@ def register_dissectors(register: Register) -> None:
 
 def as_mammo_clip_options(options: Options) -> MammoClipOptions:
     """Return ``options`` as :class:`MammoClipOptions` or raise :class:`ConfigError`."""
-    if not isinstance(options, MammoClipOptions):
-        raise ConfigError(
-            f"the mammo_clip dissector needs MammoClipOptions, got {type(options).__name__}; "
-            f"validate the options with MammoClipDissector.Options first"
-        )
-    return options
+    return require_options(options, MammoClipOptions, MammoClipDissector)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -313,55 +297,33 @@ def make_loaded_dissector(
     options: MammoClipOptions,
 ) -> MammoClipLoadedDissector:
     """Wrap the encoders, the tokenizer and the preprocessing in a loaded dissector."""
-    import torch
 
-    template = options.prompt_template
+    def image_features(pixels: torch.Tensor) -> torch.Tensor:
+        return model.image_projection.projection(model.image_encoder(pixels))
 
-    def device_of_model() -> torch.device:
-        return next(model.parameters()).device
-
-    def to_prompts(concepts: list[str]) -> list[str]:
-        return [template.format(concept) for concept in concepts] if template else list(concepts)
-
-    def encode_images(batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            features = model.image_encoder(batch.to(device_of_model()))
-            return model.image_projection.projection(features)
-
-    def encode_texts(concepts: list[str]) -> torch.Tensor:
-        tokens = tokenizer(
-            to_prompts(concepts),
-            padding="max_length",
-            truncation=True,
-            max_length=MAX_TEXT_TOKENS,
-            return_tensors="pt",
+    def text_features(prompts: list[str], device: torch.device) -> torch.Tensor:
+        input_ids, attention_mask = transformers_tokens(
+            tokenizer, prompts, device, padding="max_length", max_length=MAX_TEXT_TOKENS
         )
-        device = device_of_model()
-        with torch.no_grad():
-            return sentence_embeddings(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-
-    def check_texts(concepts: list[str]) -> None:
-        check_concept_lengths(
-            concepts, to_prompts(concepts), lambda prompt: len(tokenizer(prompt, truncation=False)["input_ids"]),
-            MAX_TEXT_TOKENS, "Mammo-CLIP's text encoder", options.truncate_long_concepts,
-        )
-
-    def move_to(device: str) -> None:
-        try:
-            model.to(device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"cannot move Mammo-CLIP to device {device!r}: {exc}; use 'cpu' or an available device") from exc
+        return sentence_embeddings(model, input_ids, attention_mask)
 
     return MammoClipLoadedDissector(
-        encode_images=encode_images,
-        encode_texts=encode_texts,
+        **encoder_fields(
+            model,
+            template=options.prompt_template,
+            image_features=image_features,
+            text_features=text_features,
+            count_tokens=transformers_token_count(tokenizer),
+            context_length=MAX_TEXT_TOKENS,
+            text_encoder_name="Mammo-CLIP's text encoder",
+            truncate_long_concepts=options.truncate_long_concepts,
+            model_name="Mammo-CLIP",
+        ),
         preprocess=build_preprocess(checkpoint.variant),
         spec=f"mammo_clip EfficientNet-{checkpoint.variant.upper()} ({checkpoint.path.name})",
         weights_path=str(checkpoint.path),
         weights_sha256=checkpoint.sha256,
         max_text_tokens=MAX_TEXT_TOKENS,
-        to=move_to,
-        check_texts=check_texts,
         model=model,
         tokenizer=tokenizer,
         variant=checkpoint.variant,

@@ -28,9 +28,6 @@ from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import field_validator
 
-from mammo_dissect.core.embedding import check_concept_lengths
-from mammo_dissect.core.embedding import validate_prompt_template
-from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.errors import UnknownNameError
 from mammo_dissect.core.hookspecs import Register
@@ -39,11 +36,16 @@ from mammo_dissect.core.images import ImagePreprocess
 from mammo_dissect.core.types import EmbeddingDissector
 from mammo_dissect.core.types import LoadedDissector
 from mammo_dissect.core.types import Options
-from mammo_dissect.core.weights import URL_PATTERN
 from mammo_dissect.core.weights import load_weights_strict
 from mammo_dissect.core.weights import read_state_dict
 from mammo_dissect.core.weights import sha256_file
 from mammo_dissect.core.weights import strip_prefixes
+from mammo_dissect.plugins.dissectors.clip_common import PromptTemplate
+from mammo_dissect.plugins.dissectors.clip_common import TruncateLongConcepts
+from mammo_dissect.plugins.dissectors.clip_common import check_not_blank
+from mammo_dissect.plugins.dissectors.clip_common import encoder_fields
+from mammo_dissect.plugins.dissectors.clip_common import is_remote_address
+from mammo_dissect.plugins.dissectors.clip_common import require_options
 
 
 if TYPE_CHECKING:
@@ -95,28 +97,14 @@ class OpenClipOptions(Options):
             "architecture that open_clip does not ship; its file stem is the architecture name"
         ),
     )
-    prompt_template: str | None = Field(
-        default=None,
-        description="template with one {} that each concept is put into before encoding; default: the bare concept",
-    )
-    truncate_long_concepts: bool = Field(
-        default=False,
-        description="truncate concepts longer than the text context length with a warning instead of failing",
-    )
+    prompt_template: PromptTemplate = None
+    truncate_long_concepts: TruncateLongConcepts = False
 
     @field_validator("architecture", "weights")
     @classmethod
     def check_not_blank(cls, value: str) -> str:
         """Reject empty values."""
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
-
-    @field_validator("prompt_template")
-    @classmethod
-    def check_prompt_template(cls, value: str | None) -> str | None:
-        """Require exactly one ``{}`` placeholder and no other format fields."""
-        return validate_prompt_template(value)
+        return check_not_blank(value)
 
 
 @dataclass
@@ -207,12 +195,7 @@ def register_dissectors(register: Register) -> None:
 
 def as_open_clip_options(options: Options) -> OpenClipOptions:
     """Return ``options`` as :class:`OpenClipOptions` or raise :class:`ConfigError`."""
-    if not isinstance(options, OpenClipOptions):
-        raise ConfigError(
-            f"the open_clip dissector needs OpenClipOptions, got {type(options).__name__}; "
-            f"validate the options with OpenClipDissector.Options first"
-        )
-    return options
+    return require_options(options, OpenClipOptions, OpenClipDissector)
 
 
 def check_architecture_name(architecture: str) -> None:
@@ -234,7 +217,7 @@ def check_weights_path(weights: str, architecture: str) -> Path:
 
     The value is used verbatim: no ``~`` expansion and no rewriting of separators.
     """
-    if URL_PATTERN.match(weights) or weights.startswith("hf-hub:"):
+    if is_remote_address(weights):
         raise ModelLoadError(
             f"dissector option weights {weights!r} is a URL or hub address, and weights are never "
             f"downloaded. Download the file on a machine with network access, then {HOW_TO_PASS_WEIGHTS}"
@@ -511,51 +494,34 @@ def make_loaded_dissector(
     weights_sha256: str,
 ) -> OpenClipLoadedDissector:
     """Wrap the model's encoders, tokenizer and preprocessing in a loaded dissector."""
-    import torch
-
     template = options.prompt_template
     context_length = int(tokenizer.context_length)
+    where = f" after applying prompt_template {template!r}" if template else ""
 
-    def device_of_model() -> torch.device:
-        return next(model.parameters()).device
+    def image_features(pixels: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(pixels, normalize=False)
 
-    def to_prompts(concepts: list[str]) -> list[str]:
-        return [template.format(concept) for concept in concepts] if template else list(concepts)
-
-    def encode_images(batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model.encode_image(batch.to(device_of_model()), normalize=False)
-
-    def encode_texts(concepts: list[str]) -> torch.Tensor:
+    def text_features(prompts: list[str], device: torch.device) -> torch.Tensor:
         # open_clip's tokenizer truncates over-long texts and ends them with the end token.
-        tokens = tokenizer(to_prompts(concepts))
-        with torch.no_grad():
-            return model.encode_text(tokens.to(device_of_model()), normalize=False)
-
-    def check_texts(concepts: list[str]) -> None:
-        where = f" after applying prompt_template {template!r}" if template else ""
-        check_concept_lengths(
-            concepts, to_prompts(concepts), lambda prompt: len(tokenizer.encode(prompt)) + 2,
-            context_length, f"open_clip {options.architecture}{where}", options.truncate_long_concepts,
-        )
-
-    def move_to(device: str) -> None:
-        try:
-            model.to(device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(
-                f"cannot move the open_clip model to device {device!r}: {exc}; use 'cpu' or an available device"
-            ) from exc
+        return model.encode_text(tokenizer(prompts).to(device), normalize=False)
 
     return OpenClipLoadedDissector(
-        encode_images=encode_images,
-        encode_texts=encode_texts,
+        **encoder_fields(
+            model,
+            template=template,
+            image_features=image_features,
+            text_features=text_features,
+            # The tokenizer's encode() leaves out the start and end tokens.
+            count_tokens=lambda prompt: len(tokenizer.encode(prompt)) + 2,
+            context_length=context_length,
+            text_encoder_name=f"open_clip {options.architecture}{where}",
+            truncate_long_concepts=options.truncate_long_concepts,
+            model_name="the open_clip model",
+        ),
         preprocess=build_preprocess(model, options.architecture),
         spec=options.architecture,
         weights_path=options.weights,
         weights_sha256=weights_sha256,
         max_text_tokens=context_length,
-        to=move_to,
-        check_texts=check_texts,
         model=model,
     )

@@ -128,7 +128,6 @@ class ExtractionActor:
         device: str,
         precision: str,
     ) -> None:
-        import torch
 
         from mammo_dissect.core.plugins import Registry
         from mammo_dissect.core.plugins import create_manager

@@ -15,10 +15,8 @@ from mammo_dissect.core.images import ImagePreprocess
 from mammo_dissect.core.types import LoadedTarget
 from mammo_dissect.core.types import Options
 from mammo_dissect.core.types import TargetLoader
-from mammo_dissect.core.weights import check_local_file
-from mammo_dissect.core.weights import load_weights_strict
-from mammo_dissect.core.weights import read_state_dict
-from mammo_dissect.core.weights import sha256_file
+from mammo_dissect.plugins.targets.local_weights import build_with_local_weights
+from mammo_dissect.plugins.targets.local_weights import named_loaded_target
 
 
 logger = logging.getLogger(__name__)
@@ -54,7 +52,6 @@ class TimmLoader(TargetLoader):
     def load(self, options: Options) -> LoadedTarget:
         assert isinstance(options, TimmOptions)
         import timm
-        import torch
         from timm.data import resolve_data_config
 
         if options.model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or "://" in options.model:
@@ -65,25 +62,12 @@ class TimmLoader(TargetLoader):
         architecture = options.model.split(".")[0]
         if architecture not in timm.list_models():
             raise UnknownNameError("timm architecture", architecture, timm.list_models())
-        weights_path = None
-        if not options.random_init:
-            if options.weights is None:
-                raise ModelLoadError(
-                    f"timm model {options.model!r} needs target.options.weights, the path of a local "
-                    f"weights file (mammo-dissect never downloads weights), or random_init = true"
-                )
-            weights_path = check_local_file(options.weights, "weights", "target.options.weights")
         kwargs: dict[str, Any] = {"in_chans": options.in_chans}
         if options.num_classes is not None:
             kwargs["num_classes"] = options.num_classes
-        torch.manual_seed(options.seed)
-        model = timm.create_model(architecture, pretrained=False, **kwargs)
-        sha = None
-        if weights_path is not None:
-            state = read_state_dict(weights_path)
-            load_weights_strict(model, state, str(weights_path), allow_partial=options.allow_partial)
-            sha = sha256_file(weights_path)
-        model.eval()
+        model, weights_path, sha = build_with_local_weights(
+            options, "timm", lambda: timm.create_model(architecture, pretrained=False, **kwargs)
+        )
         config = resolve_data_config({}, model=model)
         size = tuple(options.input_size or config["input_size"][1:])
         mean = tuple(config["mean"])
@@ -98,14 +82,7 @@ class TimmLoader(TargetLoader):
             interpolation=config.get("interpolation", "bilinear") if config.get("interpolation") in ("bilinear", "bicubic") else "bilinear",
             source=f"timm pretrained configuration of {architecture}; whole image resized, no centre crop",
         )
-        return LoadedTarget(
-            model=model,
-            preprocess=preprocess,
-            spec=options.model + (" (random init)" if options.random_init else ""),
-            weights_path=str(weights_path) if weights_path else None,
-            weights_sha256=sha,
-            token_layout=token_layout(model),
-        )
+        return named_loaded_target(model, preprocess, options, weights_path, sha, token_layout=token_layout(model))
 
 
 def token_layout(model: Any) -> dict[str, dict[str, Any]]:

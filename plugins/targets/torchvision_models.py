@@ -8,17 +8,14 @@ from typing import Any
 
 from pydantic import Field
 
-from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.errors import UnknownNameError
 from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.images import ImagePreprocess
 from mammo_dissect.core.types import LoadedTarget
 from mammo_dissect.core.types import Options
 from mammo_dissect.core.types import TargetLoader
-from mammo_dissect.core.weights import check_local_file
-from mammo_dissect.core.weights import load_weights_strict
-from mammo_dissect.core.weights import read_state_dict
-from mammo_dissect.core.weights import sha256_file
+from mammo_dissect.plugins.targets.local_weights import build_with_local_weights
+from mammo_dissect.plugins.targets.local_weights import named_loaded_target
 
 
 logger = logging.getLogger(__name__)
@@ -54,32 +51,18 @@ class TorchvisionLoader(TargetLoader):
 
     def load(self, options: Options) -> LoadedTarget:
         assert isinstance(options, TorchvisionOptions)
-        import torch
         import torchvision
 
         known = torchvision.models.list_models(module=torchvision.models)
         if options.model not in known:
             raise UnknownNameError("torchvision classification model", options.model, known)
-        weights_path = None
-        if not options.random_init:
-            if options.weights is None:
-                raise ModelLoadError(
-                    f"torchvision model {options.model!r} needs target.options.weights, the path of a local weights "
-                    f"file (mammo-dissect never downloads weights), or random_init = true"
-                )
-            weights_path = check_local_file(options.weights, "weights", "target.options.weights")
         kwargs: dict[str, Any] = {}
         if options.num_classes is not None:
             kwargs["num_classes"] = options.num_classes
-        torch.manual_seed(options.seed)
         # weights=None builds the architecture only; torchvision downloads nothing then.
-        model = torchvision.models.get_model(options.model, weights=None, **kwargs)
-        sha = None
-        if weights_path is not None:
-            state = read_state_dict(weights_path)
-            load_weights_strict(model, state, str(weights_path), allow_partial=options.allow_partial)
-            sha = sha256_file(weights_path)
-        model.eval()
+        model, weights_path, sha = build_with_local_weights(
+            options, "torchvision", lambda: torchvision.models.get_model(options.model, weights=None, **kwargs)
+        )
         size, mean, std = published_transform(options.model)
         if options.input_size is not None:
             size = (int(options.input_size[0]), int(options.input_size[1]))
@@ -92,13 +75,7 @@ class TorchvisionLoader(TargetLoader):
             source=f"torchvision {options.model}: crop size, mean and std of its published weights; whole image resized, no centre crop",
         )
         logger.info("loaded torchvision %s from %s", options.model, weights_path or "random init")
-        return LoadedTarget(
-            model=model,
-            preprocess=preprocess,
-            spec=options.model + (" (random init)" if options.random_init else ""),
-            weights_path=str(weights_path) if weights_path else None,
-            weights_sha256=sha,
-        )
+        return named_loaded_target(model, preprocess, options, weights_path, sha)
 
 
 def published_transform(name: str) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
