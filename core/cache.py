@@ -1,4 +1,4 @@
-"""Content-addressed cache of arrays (pooled activations, dissector embeddings).
+"""Content-addressed cache of arrays (pooled activations, dissector embeddings, layer scores).
 
 Each entry lives in ``<cache_dir>/<kind>/<key>/`` with ``array.npy`` and
 ``meta.json``.  The key is the SHA-256 of everything that determines the
@@ -97,6 +97,17 @@ class ArrayCache:
         logger.info("reusing cached %s from %s", what, folder)
         return array, meta
 
+    def peek_meta(self, kind: str, key: str) -> dict[str, Any] | None:
+        """Return an entry's metadata without checking its array, or None when it is absent or unreadable.
+
+        :meth:`load` still checks the array before it is used.
+        """
+        try:
+            meta = json.loads((self.entry_dir(kind, key) / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
     def _check_entry(self, folder: Path) -> str:
         meta_path = folder / META_FILE
         array_path = folder / ARRAY_FILE
@@ -174,7 +185,15 @@ class ArrayCache:
         return found
 
     def remove(self, kind: str | None = None, key_prefix: str = "", invalid_only: bool = False) -> list[CacheEntry]:
-        """Remove entries matching ``kind`` and ``key_prefix`` (all by default); return them."""
+        """Remove entries matching ``kind`` and ``key_prefix`` (all by default); return them.
+
+        Removing everything (no filter) also deletes the remembered file hashes
+        (:mod:`mammo_dissect.core.file_hashes`), so the next run hashes its input files again.
+        """
+        if kind is None and not key_prefix and not invalid_only:
+            from mammo_dissect.core.file_hashes import remove_file_hashes
+
+            remove_file_hashes(self.root)
         removed = []
         for entry in self.entries():
             if kind is not None and entry.kind != kind:

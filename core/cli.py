@@ -456,7 +456,8 @@ def cache_ls(cache_dir: Path | None, config_path: Path | None) -> None:
 @cache.command(name="rm")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), help="Cache folder; default: ~/.cache/mammo-dissect.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help="Take the cache folder from this run configuration.")
-@click.option("--kind", type=click.Choice(["activations", "activation_maps", "image_embeddings", "text_embeddings"]),
+@click.option("--kind", type=click.Choice(["activations", "activation_maps", "image_embeddings", "text_embeddings",
+                                          "scores", "alignment_features", "alignment_shortcuts"]),
               help="Remove only this kind.")
 @click.option("--key", "key_prefix", default="", help="Remove only entries whose key starts with this.")
 @click.option("--invalid", is_flag=True, help="Remove only entries whose checksum does not match.")

@@ -34,13 +34,16 @@ from mammo_dissect.core.concepts import normalise_concepts
 from mammo_dissect.core.config import RunConfig
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import MammoDissectError
+from mammo_dissect.core.errors import PluginError
 from mammo_dissect.core.errors import ProbeSetError
 from mammo_dissect.core.errors import Terminated
 from mammo_dissect.core.extraction import LayerActivations
 from mammo_dissect.core.extraction import NonFiniteActivationError
 from mammo_dissect.core.extraction import ResolvedLayer
+from mammo_dissect.core.extraction import canonical_layer_name
 from mammo_dissect.core.extraction import extract_activations
 from mammo_dissect.core.extraction import resolve_layers
+from mammo_dissect.core.file_hashes import FileHashes
 from mammo_dissect.core.fingerprint import probe_fingerprint
 from mammo_dissect.core.plugins import Registry
 from mammo_dissect.core.plugins import get_registry
@@ -66,6 +69,30 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger(__name__)
+
+#: Bump when the layout or meaning of cached layer scores changes (see :func:`score_key`).
+SCORE_CACHE_FORMAT = 1
+
+
+class UnbuiltModel:
+    """Stands in for a target model that was not built because every layer it is needed for is cached.
+
+    :func:`ensure_target` builds the real model; any use of this object before that is a bug.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise MammoDissectError(
+            f"the target model was not built (its activations were all cached), so {name!r} is not "
+            f"available; this is a bug in mammo-dissect: call ensure_target(plan) before using the model"
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__getattr__("forward")
+
+
+UNBUILT = UnbuiltModel()
 
 
 @dataclass
@@ -113,9 +140,20 @@ def new_run_id() -> str:
 
 
 def prepare(
-    config: RunConfig, registry: Registry | None = None, progress: bool = True, recompute: bool = False
+    config: RunConfig,
+    registry: Registry | None = None,
+    progress: bool = True,
+    recompute: bool = False,
+    lazy_target: bool = False,
 ) -> Plan:
-    """Resolve plugins and load and check every input; no forward pass happens here."""
+    """Resolve plugins and load and check every input; no forward pass happens here.
+
+    With ``lazy_target``, a target loader that implements
+    :meth:`~mammo_dissect.core.types.TargetLoader.describe` is only described
+    (its weights file hashed, through the remembered file hashes), and the
+    model is built only when a requested layer is not in the activation cache;
+    :func:`ensure_target` builds it later when a step needs it after all.
+    """
     registry = registry or get_registry()
     reader = registry.get("probe set", config.probe_set.name)
     target_loader = registry.get("target loader", config.target.loader)
@@ -154,12 +192,34 @@ def prepare(
         )
     check_device(config.device)
 
-    target = target_loader.load(target_options)
-    layers = resolve_layers(target.model, config.target.layers)
+    cache_root = Path(config.cache_dir)
+    description = None
+    if lazy_target and not recompute:
+        weight_hashes = FileHashes(cache_root, "weights files")
+        description = target_loader.describe(target_options, weight_hashes.sha256)
+        weight_hashes.save()
+    if description is None:
+        target = target_loader.load(target_options)
+        layers = resolve_layers(target.model, config.target.layers)
+    else:
+        target = LoadedTarget(
+            model=UNBUILT,
+            preprocess=description.preprocess,
+            spec=description.spec,
+            weights_path=description.weights_path,
+            weights_sha256=description.weights_sha256,
+            token_layout=description.token_layout,
+        )
+        layers = [
+            ResolvedLayer(requested=name, name=canonical_layer_name(name), module=UNBUILT, depth=-1)
+            for name in config.target.layers
+        ]
 
     run_id = new_run_id()
-    images, fingerprint = image_records(probe_set)
-    cache = ArrayCache(Path(config.cache_dir), recompute=recompute)
+    probe_hashes = FileHashes(cache_root, f"probe set {probe_set.reader} {probe_set.root}", recompute=recompute)
+    images, fingerprint = image_records(probe_set, probe_hashes)
+    probe_hashes.save()
+    cache = ArrayCache(cache_root, recompute=recompute)
     runtime = Runtime(
         batch_size=config.batch_size,
         device=config.device,
@@ -170,7 +230,7 @@ def prepare(
         precision=config.precision,
         allow_nonfinite=config.nonfinite == "drop",
     )
-    return Plan(
+    plan = Plan(
         config=config,
         registry=registry,
         run_id=run_id,
@@ -194,6 +254,87 @@ def prepare(
         images=images,
         probe_fingerprint=fingerprint,
     )
+    if description is not None:
+        cached_depths = cached_layer_depths(plan)
+        if cached_depths is None:
+            ensure_target(plan)
+        else:
+            for layer in plan.layers:
+                layer.depth = cached_depths[layer.name]
+            logger.info("every layer of %s is cached: the model is not built", target.spec)
+    return plan
+
+
+def cached_layer_depths(plan: Plan) -> dict[str, int] | None:
+    """Return each requested layer's depth from its activation cache entry, or None unless all are cached.
+
+    Only entries that record the layer's depth count.  Names that would
+    resolve to the same module also give None, so the model is built and the
+    layers are resolved as usual.  The arrays themselves are checked
+    when :func:`cached_activations` loads them; an invalid one makes the
+    model be built then.
+    """
+    names = [layer.name for layer in plan.layers]
+    if len(set(names)) != len(names) or any(not name for name in names):
+        return None
+    base = activation_key_parts(plan)
+    depths: dict[str, int] = {}
+    for name in names:
+        key = cache_key({**base, "layer": name})
+        meta = plan.cache.peek_meta("activations", key)
+        if meta is None or not isinstance(meta.get("layer_depth"), int):
+            return None
+        depths[name] = meta["layer_depth"]
+    return depths
+
+
+def _describe_preprocess(preprocess: Any) -> Any:
+    return preprocess.describe() if hasattr(preprocess, "describe") else repr(preprocess)
+
+
+def ensure_target(plan: Plan) -> None:
+    """Build the target model of a plan prepared with ``lazy_target``, if it was not built yet.
+
+    The built target must match the loader's description in every field that
+    the cache keys and the stored run use.  A mismatch is a bug in the loader,
+    so it stops the run.  The layers are resolved on the built model.
+    """
+    if plan.target.model is not UNBUILT:
+        return
+    loader = plan.registry.get("target loader", plan.config.target.loader)
+    logger.info("building target %s", plan.target.spec)
+    target = loader.load(plan.plugin_options["target"])
+    described = {
+        "spec": plan.target.spec,
+        "weights_path": plan.target.weights_path,
+        "weights_sha256": plan.target.weights_sha256,
+        "preprocessing": _describe_preprocess(plan.target.preprocess),
+        "token_layout": plan.target.token_layout,
+    }
+    loaded = {
+        "spec": target.spec,
+        "weights_path": target.weights_path,
+        "weights_sha256": target.weights_sha256,
+        "preprocessing": _describe_preprocess(target.preprocess),
+        "token_layout": target.token_layout,
+    }
+    for field_name, value in described.items():
+        if loaded[field_name] != value:
+            raise PluginError(
+                f"target loader {plan.config.target.loader!r}: describe() gives {field_name} = {value!r} but "
+                f"load() gives {loaded[field_name]!r}; this is a bug in the loader plugin, report it to its "
+                f"authors; until it is fixed, run with --recompute, which always builds the model"
+            )
+    layers = resolve_layers(target.model, plan.config.target.layers)
+    for assumed, resolved in zip(plan.layers, layers):
+        if assumed.depth >= 0 and assumed.depth != resolved.depth:
+            raise MammoDissectError(
+                f"layer {resolved.name!r} has depth {resolved.depth} in the built model but its cached "
+                f"activations record depth {assumed.depth}; the cache entry does not belong to this model: "
+                f"remove it with 'mammo-dissect cache rm --kind activations' and run again"
+            )
+    plan.target = target
+    plan.layers = layers
 
 
 def check_images_exist(probe_set: ProbeSet) -> None:
@@ -299,6 +440,18 @@ class ConceptEvidence:
             return ConceptEvidence(P=self.P[index])
         return ConceptEvidence(image_embeddings=self.image_embeddings[index], text_embeddings=self.text_embeddings)
 
+    def sha256(self) -> str:
+        """Return a hash of the evidence's arrays (kind, dtype, shape and values)."""
+        digest = hashlib.sha256()
+        for name, tensor in (("P", self.P), ("image_embeddings", self.image_embeddings), ("text_embeddings", self.text_embeddings)):
+            if tensor is None:
+                digest.update(f"{name}:none;".encode())
+                continue
+            array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+            digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+            digest.update(array.view(np.uint8).reshape(-1) if array.size else b"")
+        return digest.hexdigest()
+
     def score(self, plan: Plan, A: torch.Tensor) -> torch.Tensor:
         """Return S for activations A with the plan's similarity function."""
         if self.P is not None:
@@ -313,13 +466,13 @@ class ConceptEvidence:
         )
 
 
-def score_layer(
+def compute_layer_scores(
     plan: Plan,
     evidence: ConceptEvidence,
     activations: np.ndarray,
     layer_id: int,
     generator_seed: int,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+) -> LayerScores:
     """Score one layer: top concepts and images per unit, and the permutation null."""
     import torch
 
@@ -364,27 +517,194 @@ def score_layer(
             "permutations": plan.config.permutations,
         }
 
-    units = np.arange(n_units, dtype=np.int32)
-    label_ranks = np.arange(top_n, dtype=np.int16)
-    image_ranks = np.arange(top_k, dtype=np.int16)
-    tables = {
-        "label_layer_id": np.full(n_units * top_n, layer_id, dtype=np.int32),
-        "label_unit": np.repeat(units, top_n),
-        "label_rank": np.tile(label_ranks, n_units),
-        "label_concept_id": concept_ids.numpy().astype(np.int32).reshape(-1),
-        "label_score": scores.numpy().astype(np.float32).reshape(-1),
-        "image_layer_id": np.full(n_units * top_k, layer_id, dtype=np.int32),
-        "image_unit": np.repeat(units, top_k),
-        "image_rank": np.tile(image_ranks, n_units),
-        "image_index": image_index.T.numpy().astype(np.int32).reshape(-1),
-        "image_activation": image_activation.T.numpy().astype(np.float32).reshape(-1),
-        "score_layer_id": np.full(n_units, layer_id, dtype=np.int32),
-        "score_unit": units,
-        "score_top": top_scores.astype(np.float32),
-        "score_percentile": percentile.astype(np.float32),
-        "score_p_value": p_value.astype(np.float32),
+    return LayerScores(
+        concept_ids=concept_ids.numpy().astype(np.int32),
+        label_scores=scores.numpy().astype(np.float32),
+        image_index=image_index.T.numpy().astype(np.int32),
+        image_activation=image_activation.T.numpy().astype(np.float32),
+        top=top_scores.astype(np.float32),
+        percentile=percentile.astype(np.float32),
+        p_value=p_value.astype(np.float32),
+        null_stats=null_stats,
+    )
+
+
+def score_layer(
+    plan: Plan,
+    evidence: ConceptEvidence,
+    activations: np.ndarray,
+    layer_id: int,
+    generator_seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Score one layer and return its result columns and null statistics (no cache)."""
+    scores = compute_layer_scores(plan, evidence, activations, layer_id, generator_seed)
+    return scores.tables(layer_id), scores.null_stats
+
+
+@dataclass
+class LayerScores:
+    """Scoring results of one layer: per-unit rows for the store, and the layer's null statistics."""
+
+    #: [units x top_n] concept ids and scores, best first.
+    concept_ids: np.ndarray
+    label_scores: np.ndarray
+    #: [units x top_k] rows of the scored activations (not yet probe-set indices) and activations.
+    image_index: np.ndarray
+    image_activation: np.ndarray
+    #: [units] top score, its within-layer percentile and its p-value (NaN without a null).
+    top: np.ndarray
+    percentile: np.ndarray
+    p_value: np.ndarray
+    null_stats: dict[str, Any]
+
+    def tables(self, layer_id: int) -> dict[str, np.ndarray]:
+        """Return the result columns of the layer in the layout of :class:`UnitTables`."""
+        n_units, top_n = self.concept_ids.shape
+        top_k = self.image_index.shape[1]
+        units = np.arange(n_units, dtype=np.int32)
+        return {
+            "label_layer_id": np.full(n_units * top_n, layer_id, dtype=np.int32),
+            "label_unit": np.repeat(units, top_n),
+            "label_rank": np.tile(np.arange(top_n, dtype=np.int16), n_units),
+            "label_concept_id": self.concept_ids.reshape(-1),
+            "label_score": self.label_scores.reshape(-1),
+            "image_layer_id": np.full(n_units * top_k, layer_id, dtype=np.int32),
+            "image_unit": np.repeat(units, top_k),
+            "image_rank": np.tile(np.arange(top_k, dtype=np.int16), n_units),
+            "image_index": self.image_index.reshape(-1),
+            "image_activation": self.image_activation.reshape(-1),
+            "score_layer_id": np.full(n_units, layer_id, dtype=np.int32),
+            "score_unit": units,
+            "score_top": self.top,
+            "score_percentile": self.percentile,
+            "score_p_value": self.p_value,
+        }
+
+    def to_array(self) -> np.ndarray:
+        """Pack every column into one float64 array [units x (2 top_n + 2 top_k + 3)].
+
+        float64 represents every int32 and float32 value exactly, NaN included.
+        """
+        return np.concatenate(
+            [
+                self.concept_ids.astype(np.float64),
+                self.label_scores.astype(np.float64),
+                self.image_index.astype(np.float64),
+                self.image_activation.astype(np.float64),
+                np.stack([self.top, self.percentile, self.p_value], axis=1).astype(np.float64),
+            ],
+            axis=1,
+        )
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, top_n: int, top_k: int, null_stats: dict[str, Any]) -> LayerScores:
+        """Unpack :meth:`to_array`; raise ValueError when the array's shape does not fit ``top_n`` and ``top_k``."""
+        if array.ndim != 2 or array.shape[1] != 2 * top_n + 2 * top_k + 3:
+            raise ValueError(f"shape {array.shape} does not fit top_n={top_n} and top_k={top_k}")
+        columns = np.cumsum([top_n, top_n, top_k, top_k])
+        concept_ids, label_scores, image_index, image_activation, rest = np.split(array, columns, axis=1)
+        return cls(
+            concept_ids=concept_ids.astype(np.int32),
+            label_scores=label_scores.astype(np.float32),
+            image_index=image_index.astype(np.int32),
+            image_activation=image_activation.astype(np.float32),
+            top=np.ascontiguousarray(rest[:, 0], dtype=np.float32),
+            percentile=np.ascontiguousarray(rest[:, 1], dtype=np.float32),
+            p_value=np.ascontiguousarray(rest[:, 2], dtype=np.float32),
+            null_stats=dict(null_stats),
+        )
+
+
+def score_key_parts(plan: Plan, evidence: ConceptEvidence, keep: np.ndarray) -> dict[str, Any]:
+    """Return everything that determines a layer's scores, except the layer's activations and seed.
+
+    :func:`score_key` adds the layer's activation cache key (weights, layer,
+    pooling, preprocessing, probe images), the checksum of the activation
+    array, and the layer's generator seed.
+    """
+    import torch
+
+    config = plan.config
+    patients = None
+    if config.top_images_per_patient is not None:
+        patients = _sha256_json([record.patient_id for record in plan.images])
+    return {
+        "kind": "scores",
+        "score_format": SCORE_CACHE_FORMAT,
+        "tool_version": __version__,
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "evidence": evidence.sha256(),
+        "images_scored": hashlib.sha256(np.ascontiguousarray(keep, dtype=np.int64).tobytes()).hexdigest(),
+        "concept_texts": _sha256_json(plan.concepts.texts),
+        "similarity": plan.similarity.name,
+        "similarity_plugin_version": plan.registry.plugin_version("similarity function", plan.similarity.name),
+        "similarity_params": json.loads(json.dumps(plan.similarity_params, sort_keys=True, default=str)),
+        "similarity_memory_mib": config.similarity_memory_mib if evidence.P is None else None,
+        "permutations": config.permutations,
+        "top_n": config.top_n,
+        "top_k_images": config.top_k_images,
+        "top_images_per_patient": config.top_images_per_patient,
+        "patients": patients,
     }
-    return tables, null_stats
+
+
+def score_key(base: dict[str, Any], activation_key: str, activation_sha256: str | None, generator_seed: int) -> str:
+    """Return the cache key of one layer's scores (see :func:`score_key_parts`).
+
+    ``activation_sha256`` is the checksum of the cached activation array, so
+    activations that were computed again with other values also miss.
+    """
+    return cache_key({
+        **base, "activations": activation_key, "activations_sha256": activation_sha256, "generator_seed": generator_seed,
+    })
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def cached_layer_scores(
+    plan: Plan,
+    key: str,
+    evidence: ConceptEvidence,
+    activations: LayerActivations,
+    keep: np.ndarray,
+    layer_id: int,
+    generator_seed: int,
+) -> LayerScores:
+    """Return one layer's scores from the score cache, or score the layer and cache the result."""
+    name = activations.layer.name
+    hit = plan.cache.load("scores", key, f"scores of layer {name}")
+    if hit is not None:
+        array, meta = hit
+        try:
+            scores = LayerScores.from_array(
+                np.asarray(array), int(meta["top_n"]), int(meta["top_k"]), dict(meta["null_stats"])
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("cached scores of layer %s do not fit (%s); scoring the layer again", name, exc)
+        else:
+            if scores.concept_ids.shape[0] == activations.load().shape[1]:
+                return scores
+            logger.warning("cached scores of layer %s have the wrong number of units; scoring it again", name)
+    scores = compute_layer_scores(plan, evidence, activations.load()[keep], layer_id, generator_seed)
+    try:
+        plan.cache.store(
+            "scores",
+            key,
+            scores.to_array(),
+            {
+                "description": f"scores of {plan.target.spec} layer {name} ({plan.similarity.name}, "
+                f"{plan.config.permutations} permutations)",
+                "top_n": int(scores.concept_ids.shape[1]),
+                "top_k": int(scores.image_index.shape[1]),
+                "null_stats": scores.null_stats,
+            },
+        )
+    except OSError as exc:
+        logger.warning("could not cache the scores of layer %s (%s); the next run scores it again", name, exc)
+    return scores
 
 
 def activation_key_parts(plan: Plan) -> dict[str, Any]:
@@ -435,10 +755,16 @@ def cached_activations(plan: Plan) -> list[LayerActivations]:
     """
     base = activation_key_parts(plan)
     keys = {layer.name: cache_key({**base, "layer": layer.name}) for layer in plan.layers}
+    hits = {
+        layer.name: plan.cache.load("activations", keys[layer.name], f"activations of layer {layer.name}")
+        for layer in plan.layers
+    }
+    if any(hit is None for hit in hits.values()):
+        ensure_target(plan)
     found: dict[str, LayerActivations] = {}
     missing = []
     for layer in plan.layers:
-        hit = plan.cache.load("activations", keys[layer.name], f"activations of layer {layer.name}")
+        hit = hits[layer.name]
         if hit is None:
             missing.append(layer)
             continue
@@ -462,6 +788,7 @@ def cached_activations(plan: Plan) -> list[LayerActivations]:
                 {
                     "description": f"{plan.target.spec} layer {name}, {len(plan.probe_set)} images",
                     "output_shape": activations.output_shape,
+                    "layer_depth": activations.layer.depth,
                 },
             )
             found[name] = LayerActivations(layer=activations.layer, path=path, output_shape=activations.output_shape)
@@ -521,6 +848,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
     """
     import torch
 
+    ensure_target(plan)
     shapes: dict[str, list[int]] = {}
     handles = []
     for layer in plan.layers:
@@ -669,6 +997,8 @@ def collect_activation_maps(
     if not missing:
         return maps
 
+    ensure_target(plan)
+    modules = {layer.name: layer.module for layer in plan.layers}
     images = sorted({int(index) for layer_id, _ in missing for index in np.unique(top[layer_id])})
     outputs: dict[int, torch.Tensor] = {}
     shapes = {}
@@ -682,7 +1012,7 @@ def collect_activation_maps(
             first = output[0] if isinstance(output, (tuple, list)) else output
             outputs[_id] = functional.adaptive_avg_pool2d(first.detach().float(), shapes[_id]).cpu()
 
-        handles.append(activations.layer.module.register_forward_hook(hook))
+        handles.append(modules[activations.layer.name].register_forward_hook(hook))
     model = plan.target.model.to(plan.runtime.device).eval()
     device_type = torch.device(plan.runtime.device).type
     try:
@@ -734,10 +1064,17 @@ def execute(plan: Plan) -> RunResults:
     layer_records = []
     from tqdm import tqdm
 
+    score_base = score_key_parts(plan, evidence, keep)
+    activation_base = activation_key_parts(plan)
     for layer_id, activations in enumerate(
         tqdm(layer_activations, desc="scoring layers", unit="layer", disable=not plan.runtime.progress)
     ):
-        tables, null_stats = score_layer(plan, evidence, activations.load()[keep], layer_id, config.seed + layer_id)
+        seed = config.seed + layer_id
+        activation_key = cache_key({**activation_base, "layer": activations.layer.name})
+        activation_meta = plan.cache.peek_meta("activations", activation_key) or {}
+        key = score_key(score_base, activation_key, activation_meta.get("sha256"), seed)
+        scores = cached_layer_scores(plan, key, evidence, activations, keep, layer_id, seed)
+        tables, null_stats = scores.tables(layer_id), scores.null_stats
         # Scoring saw only the kept images: map their row numbers back to probe-set indices.
         tables["image_index"] = keep[tables["image_index"]].astype(np.int32)
         for key, value in tables.items():
@@ -825,12 +1162,15 @@ def _model_records(plan: Plan) -> list[ModelRecord]:
     ]
 
 
-def image_records(probe_set: ProbeSet) -> tuple[list[ImageRecord], str]:
+def image_records(probe_set: ProbeSet, hashes: FileHashes | None = None) -> tuple[list[ImageRecord], str]:
     """Hash every probe image and return the records and the probe-set fingerprint.
 
     The fingerprint is the SHA-256 of the sorted (image id, file SHA-256)
-    pairs and the probe set's preprocessing steps.
+    pairs and the probe set's preprocessing steps.  With ``hashes``, a file
+    whose identity (path, size, times, inode) is unchanged since it was last
+    hashed is not read again; the caller saves ``hashes`` afterwards.
     """
+    sha256 = hashes.sha256 if hashes is not None else sha256_file
     records = []
     for index, image in enumerate(probe_set.images):
         metadata = dict(image.metadata)
@@ -839,7 +1179,7 @@ def image_records(probe_set: ProbeSet) -> tuple[list[ImageRecord], str]:
                 image_index=index,
                 image_id=image.image_id,
                 path=str(Path(image.path).resolve()),
-                sha256=sha256_file(image.path),
+                sha256=sha256(image.path),
                 patient_id=_text_or_none(metadata.get("patient_id")),
                 laterality=_text_or_none(metadata.get("laterality")),
                 view=_text_or_none(metadata.get("view")),
@@ -886,7 +1226,7 @@ def run(
     """
     from mammo_dissect.core.store import Store
 
-    plan = prepare(config, registry, progress=progress, recompute=recompute)
+    plan = prepare(config, registry, progress=progress, recompute=recompute, lazy_target=True)
     with Store(Path(config.database), wait_seconds=wait_seconds) as store:
         store.mark_abandoned_runs()
         stored_config = resolved_config(plan)

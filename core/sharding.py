@@ -249,6 +249,7 @@ def ingest(config: RunConfig, registry: Registry | None = None, progress: bool =
             {
                 "description": f"{plan.target.spec} layer {layer.name}, {n_images} images, from {len(ordered)} shards",
                 "output_shape": first["output_shape"],
+                "layer_depth": layer.depth,
             },
         )
         results.append(LayerActivations(layer=layer, path=path, output_shape=list(first["output_shape"])))

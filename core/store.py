@@ -31,6 +31,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from mammo_dissect.core import arrow_columns
 from mammo_dissect.core.errors import StoreError
 from mammo_dissect.core.errors import UnknownNameError
 from mammo_dissect.core.migrations import ANALYSIS_OBJECTS  # noqa: F401 - part of this module's API
@@ -104,8 +105,7 @@ def _lock_message(path: str, exc: duckdb.Error, read_only: bool) -> str:
 
 def _column(values: np.ndarray, dtype: Any, *, nan_to_null: bool = False) -> pa.Array:
     """Build an Arrow column from a numpy column; NaN becomes NULL when asked."""
-    array = np.ascontiguousarray(np.asarray(values), dtype=dtype)
-    return pa.array(array, from_pandas=nan_to_null)
+    return arrow_columns.numbers(np.asarray(values), dtype, nan_to_null=nan_to_null)
 
 
 def _check_lengths(table: str, columns: dict[str, np.ndarray]) -> int:
@@ -216,96 +216,66 @@ def _unit_arrow_tables(results: RunResults) -> dict[str, pa.Table]:
 
 def _dimension_arrow_tables(results: RunResults) -> dict[str, pa.Table]:
     """Convert the models, layers, images and concepts of a run to Arrow tables."""
-    models = pa.Table.from_pylist(
-        [
-            {
-                "model_id": model.model_id,
-                "role": model.role,
-                "plugin": model.plugin,
-                "plugin_version": model.plugin_version,
-                "spec": model.spec,
-                "weights_path": model.weights_path,
-                "weights_sha256": model.weights_sha256,
-                "preprocessing": to_json(model.preprocessing),
-            }
-            for model in results.models
-        ],
-        schema=pa.schema(
-            [
-                ("model_id", pa.int32()),
-                ("role", pa.string()),
-                ("plugin", pa.string()),
-                ("plugin_version", pa.string()),
-                ("spec", pa.string()),
-                ("weights_path", pa.string()),
-                ("weights_sha256", pa.string()),
-                ("preprocessing", pa.string()),
-            ]
-        ),
+    models = pa.table(
+        {
+            "model_id": arrow_columns.numbers([model.model_id for model in results.models], np.int32),
+            "role": arrow_columns.strings([model.role for model in results.models]),
+            "plugin": arrow_columns.strings([model.plugin for model in results.models]),
+            "plugin_version": arrow_columns.strings([model.plugin_version for model in results.models]),
+            "spec": arrow_columns.strings([model.spec for model in results.models]),
+            "weights_path": arrow_columns.strings([model.weights_path for model in results.models]),
+            "weights_sha256": arrow_columns.strings([model.weights_sha256 for model in results.models]),
+            "preprocessing": arrow_columns.strings([to_json(model.preprocessing) for model in results.models]),
+        }
     )
-    layers = pa.Table.from_pylist(
-        [
-            {
-                "layer_id": layer.layer_id,
-                "model_id": layer.model_id,
-                "name": layer.name,
-                "depth": layer.depth,
-                "n_units": layer.n_units,
-                "output_shape": [int(size) for size in layer.output_shape],
-                "pooling": layer.pooling,
-                "null_mean": layer.null_mean,
-                "null_p95": layer.null_p95,
-                "null_max": layer.null_max,
-                "permutations": layer.permutations,
-            }
-            for layer in results.layers
-        ],
-        schema=pa.schema(
-            [
-                ("layer_id", pa.int32()),
-                ("model_id", pa.int32()),
-                ("name", pa.string()),
-                ("depth", pa.int32()),
-                ("n_units", pa.int32()),
-                ("output_shape", pa.list_(pa.int32())),
-                ("pooling", pa.string()),
-                ("null_mean", pa.float64()),
-                ("null_p95", pa.float64()),
-                ("null_max", pa.float64()),
-                ("permutations", pa.int32()),
-            ]
-        ),
+    layers = pa.table(
+        {
+            "layer_id": arrow_columns.numbers([layer.layer_id for layer in results.layers], np.int32),
+            "model_id": arrow_columns.numbers([layer.model_id for layer in results.layers], np.int32),
+            "name": arrow_columns.strings([layer.name for layer in results.layers]),
+            "depth": arrow_columns.numbers([layer.depth for layer in results.layers], np.int32),
+            "n_units": arrow_columns.numbers([layer.n_units for layer in results.layers], np.int32),
+            "output_shape": arrow_columns.lists(
+                [[int(size) for size in layer.output_shape] for layer in results.layers],
+                lambda sizes: arrow_columns.numbers(sizes, np.int32),
+            ),
+            "pooling": arrow_columns.strings([layer.pooling for layer in results.layers]),
+            "null_mean": arrow_columns.numbers([layer.null_mean for layer in results.layers], np.float64),
+            "null_p95": arrow_columns.numbers([layer.null_p95 for layer in results.layers], np.float64),
+            "null_max": arrow_columns.numbers([layer.null_max for layer in results.layers], np.float64),
+            "permutations": arrow_columns.numbers([layer.permutations for layer in results.layers], np.int32),
+        }
     )
     images = pa.table(
         {
-            "image_index": pa.array([image.image_index for image in results.images], pa.int32()),
-            "image_id": pa.array([image.image_id for image in results.images], pa.string()),
-            "path": pa.array([str(image.path) for image in results.images], pa.string()),
-            "sha256": pa.array([image.sha256 for image in results.images], pa.string()),
-            "patient_id": pa.array([image.patient_id for image in results.images], pa.string()),
-            "laterality": pa.array([image.laterality for image in results.images], pa.string()),
-            "view": pa.array([image.view for image in results.images], pa.string()),
-            "metadata": pa.array([to_json(image.metadata) for image in results.images], pa.string()),
-            "annotations": pa.array(
-                [list(image.annotations) for image in results.images], pa.list_(pa.string())
+            "image_index": arrow_columns.numbers([image.image_index for image in results.images], np.int32),
+            "image_id": arrow_columns.strings([image.image_id for image in results.images]),
+            "path": arrow_columns.strings([str(image.path) for image in results.images]),
+            "sha256": arrow_columns.strings([image.sha256 for image in results.images]),
+            "patient_id": arrow_columns.strings([image.patient_id for image in results.images]),
+            "laterality": arrow_columns.strings([image.laterality for image in results.images]),
+            "view": arrow_columns.strings([image.view for image in results.images]),
+            "metadata": arrow_columns.strings([to_json(image.metadata) for image in results.images]),
+            "annotations": arrow_columns.lists(
+                [list(image.annotations) for image in results.images], arrow_columns.strings
             ),
         }
     )
     concept_sets = pa.table(
         {
-            "name": pa.array([results.concept_set_name], pa.string()),
-            "source": pa.array([results.concept_set_source], pa.string()),
-            "sha256": pa.array([results.concept_set_sha256], pa.string()),
-            "n_concepts": pa.array([len(results.concepts)], pa.int32()),
-            "dropped": pa.array([to_json(results.concept_set_dropped)], pa.string()),
+            "name": arrow_columns.strings([results.concept_set_name]),
+            "source": arrow_columns.strings([results.concept_set_source]),
+            "sha256": arrow_columns.strings([results.concept_set_sha256]),
+            "n_concepts": arrow_columns.numbers([len(results.concepts)], np.int32),
+            "dropped": arrow_columns.strings([to_json(results.concept_set_dropped)]),
         }
     )
     concepts = pa.table(
         {
-            "concept_id": pa.array([c.concept_id for c in results.concepts], pa.int32()),
-            "text": pa.array([c.text for c in results.concepts], pa.string()),
-            "category": pa.array([c.category for c in results.concepts], pa.string()),
-            "broad_category": pa.array([c.broad_category for c in results.concepts], pa.string()),
+            "concept_id": arrow_columns.numbers([c.concept_id for c in results.concepts], np.int32),
+            "text": arrow_columns.strings([c.text for c in results.concepts]),
+            "category": arrow_columns.strings([c.category for c in results.concepts]),
+            "broad_category": arrow_columns.strings([c.broad_category for c in results.concepts]),
         }
     )
     return {
@@ -348,16 +318,16 @@ def _activation_map_table(maps: dict[int, np.ndarray]) -> pa.Table:
     for layer_id, array in sorted(maps.items()):
         units, ranks, height, width = array.shape
         flat = np.ascontiguousarray(array, dtype=np.float32).reshape(units * ranks, height * width)
-        values = pa.array(flat.reshape(-1), type=pa.float32())
-        offsets = pa.array(np.arange(0, flat.size + 1, height * width, dtype=np.int32), type=pa.int32())
+        values = arrow_columns.numbers(flat.reshape(-1), np.float32)
+        offsets = arrow_columns.numbers(np.arange(0, flat.size + 1, height * width, dtype=np.int32), np.int32)
         parts.append(
             pa.table(
                 {
-                    "layer_id": pa.array(np.full(units * ranks, layer_id, dtype=np.int32)),
-                    "unit": pa.array(np.repeat(np.arange(units, dtype=np.int32), ranks)),
-                    "rank": pa.array(np.tile(np.arange(ranks, dtype=np.int16), units)),
-                    "height": pa.array(np.full(units * ranks, height, dtype=np.int16)),
-                    "width": pa.array(np.full(units * ranks, width, dtype=np.int16)),
+                    "layer_id": arrow_columns.numbers(np.full(units * ranks, layer_id, dtype=np.int32), np.int32),
+                    "unit": arrow_columns.numbers(np.repeat(np.arange(units, dtype=np.int32), ranks), np.int32),
+                    "rank": arrow_columns.numbers(np.tile(np.arange(ranks, dtype=np.int16), units), np.int16),
+                    "height": arrow_columns.numbers(np.full(units * ranks, height, dtype=np.int16), np.int16),
+                    "width": arrow_columns.numbers(np.full(units * ranks, width, dtype=np.int16), np.int16),
                     "activation_map": pa.ListArray.from_arrays(offsets, values),
                 }
             )

@@ -199,11 +199,37 @@ class LoadedTarget:
     token_layout: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@dataclass
+class TargetDescription:
+    """Identity of a target, known without building its model.
+
+    Every field must equal the same field of the :class:`LoadedTarget` that
+    :meth:`TargetLoader.load` returns for the same options.
+    """
+
+    preprocess: Any
+    spec: str
+    weights_path: str | None = None
+    weights_sha256: str | None = None
+    token_layout: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 class TargetLoader(Plugin):
-    """Builds a target model.  Subclasses implement :meth:`load`."""
+    """Builds a target model.  Subclasses implement :meth:`load`, and may implement :meth:`describe`."""
 
     def load(self, options: Options) -> LoadedTarget:
         raise NotImplementedError
+
+    def describe(self, options: Options, file_sha256: Callable[[Path], str]) -> TargetDescription | None:
+        """Return the target's identity without building the model, or None when this loader cannot.
+
+        A run whose layers are all in the activation cache then skips building
+        the model.  Hash a weights file with ``file_sha256``, which remembers
+        hashes by file identity, instead of reading the file.  The pipeline
+        checks the description against :meth:`load` whenever it builds the
+        model after all.  The default returns None: the model is always built.
+        """
+        return None
 
 
 # ---------------------------------------------------------------- dissectors

@@ -104,10 +104,11 @@ def test_cache_entries_listed_and_removed(tiny_config, tiny_registry):
     run_tiny(tiny_config, tiny_registry)
     cache = ArrayCache(Path(tiny_config["cache_dir"]))
     entries = cache.entries()
-    assert sorted(entry.kind for entry in entries) == ["activation_maps"] * 2 + ["activations"] * 3
+    assert sorted(entry.kind for entry in entries) == ["activation_maps"] * 2 + ["activations"] * 3 + ["scores"] * 3
     assert all(entry.valid for entry in entries)
     assert len(cache.remove(kind="activations")) == 3
     assert len(cache.remove(kind="activation_maps")) == 2
+    assert len(cache.remove(kind="scores")) == 3
     assert cache.entries() == []
 
 

