@@ -23,12 +23,15 @@ def read_paraphrases(path: str | Path) -> dict[str, list[str]]:
         concept appears twice, or when a line has no paraphrase or an empty one.
     """
     file = Path(path).expanduser()
+    if not file.is_file():
+        what = "is a folder" if file.is_dir() else "not found"
+        raise ConceptSetError(f"paraphrase file {file} {what}; pass the path of a tab-separated file")
     try:
         text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConceptSetError(f"paraphrase file not found: {file}; pass the path of a tab-separated file") from None
     except UnicodeDecodeError as exc:
         raise ConceptSetError(f"paraphrase file {file} is not UTF-8 ({exc}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConceptSetError(f"paraphrase file {file} cannot be read ({exc}); check its permissions") from None
     table: dict[str, list[str]] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -36,6 +39,8 @@ def read_paraphrases(path: str | Path) -> dict[str, list[str]]:
         fields = [field.strip() for field in line.split("\t")]
         concept, paraphrases = fields[0], fields[1:]
         where = f"{file} line {number}"
+        if not concept:
+            raise ConceptSetError(f"{where}: the concept field is empty; put the concept before the first tab")
         if not paraphrases:
             raise ConceptSetError(f"{where}: concept {concept!r} has no paraphrase; add tab-separated paraphrases")
         if any(not item for item in paraphrases):

@@ -16,7 +16,7 @@ Everything is checked before a concept may be used:
 - per source and concept, the AUROC of the held-out cosines, with a 95%
   cluster bootstrap interval that resamples patients;
 - a null from untrained heads (random weights) and from heads trained on
-  captions shuffled across patients;
+  captions shuffled across the samples of each source;
 - a ceiling from a supervised linear probe (logistic regression) on the same
   features and folds;
 - shortcut checks: the crop size and the share of background in a sample,
@@ -48,6 +48,8 @@ from typing import Literal
 import numpy as np
 import tomllib
 from pydantic import Field
+from pydantic import StrictBool
+from pydantic import field_validator
 from pydantic import model_validator
 
 from mammo_dissect.core.alignment_data import SourceSamples
@@ -91,20 +93,28 @@ class TextEncoderConfig(Options):
     path: str | None = None
     prompt_template: str = "{}"
     max_tokens: int = Field(default=128, ge=1)
-    #: Unseen paraphrases per concept, used only to check the trained head.  They extend the built-in table.
+    #: Unseen paraphrases per concept, used only to check the trained head.  They are merged with the
+    #: file's and the built-in ones; every key must be a concept of the vocabulary.
     paraphrases: dict[str, list[str]] = Field(default_factory=dict)
-    #: A tab-separated paraphrase file (concept, then paraphrases) read before ``paraphrases``.
+    #: A tab-separated paraphrase file (concept, then paraphrases), merged after ``paraphrases``.
     paraphrase_file: str | None = None
+    #: Whether the built-in paraphrase table is merged in last.
+    builtin_paraphrases: StrictBool = True
     #: Minimum number of paraphrases per concept.  A concept with fewer stops training with an error.
     min_paraphrases: int = Field(default=2, ge=2)
 
     @model_validator(mode="after")
     def check_template(self) -> TextEncoderConfig:
-        """Require exactly one ``{}`` in the prompt template."""
+        """Require exactly one ``{}`` in the prompt template, no blank paraphrase and no blank file name."""
         if self.prompt_template.count("{}") != 1:
             raise ValueError(
                 f"prompt_template {self.prompt_template!r} must contain exactly one {{}} where the concept goes"
             )
+        for concept, texts in self.paraphrases.items():
+            if any(not text.strip() for text in texts):
+                raise ValueError(f"paraphrases of {concept!r} contain an empty string; remove it")
+        if self.paraphrase_file is not None and not self.paraphrase_file.strip():
+            raise ValueError("paraphrase_file is empty; give a file path or leave the key out")
         return self
 
 
@@ -123,7 +133,7 @@ class SourceConfig(Options):
     #: lesions: crops inside the breast of each normal image, captioned "normal".
     normal_crops: int = Field(default=1, ge=0)
     #: lesions: drop lesions whose centre lies outside the breast mask.
-    exclude_bad_labels: bool = True
+    exclude_bad_labels: StrictBool = True
     #: Grey level (0 to 1) above which a pixel counts as breast, for the breast mask.
     mask_threshold: float = Field(default=0.1, gt=0, lt=1)
     #: tissue_patches: side of a patch in image pixels, patches per tissue and image, and purity.
@@ -151,7 +161,17 @@ class TrainingConfig(Options):
     #: Concepts left out of training in the leave-concept-out run.  Empty: the gated concept with the best AUROC.
     leave_out: list[str] = Field(default_factory=list)
     #: Also keep out concepts that a shortcut (crop size, background) predicts as well as the head.
-    shortcuts_gate: bool = False
+    shortcuts_gate: StrictBool = False
+    #: Patients with the concept a source needs before the concept can be gated in there.
+    min_positive_patients: int = Field(default=5, ge=1)
+
+    @field_validator("leave_out")
+    @classmethod
+    def _no_duplicate_leave_out(cls, names: list[str]) -> list[str]:
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"concepts listed more than once: {', '.join(duplicates)}")
+        return names
 
 
 class AlignmentConfig(Options):
@@ -555,6 +575,12 @@ def evaluate(
             linear_probe_auroc=cell_auroc(probe, pairs, source, column),
         )
         record["gated"], record["reason"] = gate(low, random_p95)
+        if record["gated"] and record["n_positive_patients"] < settings.min_positive_patients:
+            record["gated"] = False
+            record["reason"] = (
+                f"only {record['n_positive_patients']} patient(s) with the concept, fewer than "
+                f"training.min_positive_patients = {settings.min_positive_patients}"
+            )
         records.append(record)
     return records
 
@@ -598,10 +624,22 @@ def card_timestamp() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def load_card(path: Path, hint: str) -> dict[str, Any]:
-    """Read the alignment card JSON at ``path``; ``hint`` tells the user what to do when it is missing.
+#: Top-level keys every card has, with the JSON type each must have.
+CARD_KEYS: dict[str, type] = {
+    "encoder": dict,
+    "text_encoder": dict,
+    "head_file": str,
+    "gated_concepts": list,
+    "vocabulary": list,
+    "concepts": list,
+}
 
-    :raises ModelLoadError: when the file is missing or is not a JSON object.
+
+def load_card(path: Path, hint: str) -> dict[str, Any]:
+    """Read and check the alignment card JSON at ``path``; ``hint`` tells the user what to do when it is missing.
+
+    :raises ModelLoadError: when the file is missing, is not a JSON object,
+        comes from a newer card format, or lacks a key or has one of the wrong type.
     """
     from mammo_dissect.core.errors import ModelLoadError
 
@@ -613,7 +651,42 @@ def load_card(path: Path, hint: str) -> dict[str, Any]:
         raise ModelLoadError(f"alignment card {path} is not readable JSON: {exc}; train it again") from None
     if not isinstance(card, dict):
         raise ModelLoadError(f"alignment card {path} contains a JSON {type(card).__name__}, not an object; train it again")
+    check_card(card, path)
     return card
+
+
+def check_card(card: dict[str, Any], path: Path) -> None:
+    """Raise :class:`ModelLoadError` when ``card`` is not a complete card of a format this version reads."""
+    from mammo_dissect.core.errors import ModelLoadError
+
+    version = card.get("card_format", 1)
+    if not isinstance(version, int) or not 1 <= version <= CARD_FORMAT:
+        raise ModelLoadError(
+            f"alignment card {path} has card_format {version!r}, but this mammo-dissect reads formats 1 to "
+            f"{CARD_FORMAT}; upgrade mammo-dissect or train the card again"
+        )
+    missing = [key for key in CARD_KEYS if key not in card]
+    if missing:
+        raise ModelLoadError(f"alignment card {path} lacks {', '.join(missing)}; train it again")
+    wrong = [
+        f"{key} ({type(card[key]).__name__}, expected {kind.__name__})"
+        for key, kind in CARD_KEYS.items()
+        if not isinstance(card[key], kind)
+    ]
+    if wrong:
+        raise ModelLoadError(f"alignment card {path} has keys of the wrong type: {'; '.join(wrong)}; train it again")
+    if any(not isinstance(text, str) for text in [*card["gated_concepts"], *card["vocabulary"]]):
+        wrong.append("gated_concepts or vocabulary (expected lists of strings)")
+    if any(not isinstance(record, dict) or not isinstance(record.get("concept"), str) for record in card["concepts"]):
+        wrong.append("concepts (expected objects with a concept string)")
+    if wrong:
+        raise ModelLoadError(f"alignment card {path} has keys of the wrong type: {'; '.join(wrong)}; train it again")
+    outside = [text for text in card["gated_concepts"] if text not in card["vocabulary"]]
+    if outside:
+        raise ModelLoadError(
+            f"alignment card {path} gates in {', '.join(repr(text) for text in outside)}, which its vocabulary "
+            f"does not contain; the card was edited or is corrupt, so train it again"
+        )
 
 
 def write_card(path: Path, card: dict[str, Any]) -> None:

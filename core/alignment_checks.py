@@ -96,9 +96,18 @@ def paraphrase_table(
 ) -> dict[str, list[str]]:
     """Return the paraphrases of every vocabulary concept: configured ones first, then the file's, then built-in.
 
-    Duplicates are dropped.  A paraphrase equal to a training concept is not
-    unseen and raises an error, and so does a concept with fewer than ``minimum``.
+    The three sources are merged and duplicates dropped.  A configured key
+    that is not a vocabulary concept raises an error (it is most likely a
+    typo), and so do a paraphrase equal to a training concept (it is not
+    unseen) and a concept with fewer than ``minimum`` paraphrases.  Keys of
+    the file and the built-in table may name other concepts.
     """
+    unknown = [key for key in configured if key not in vocabulary]
+    if unknown:
+        raise ConfigError(
+            f"text_encoder.paraphrases names {', '.join(repr(key) for key in unknown)}, which is not a concept of "
+            f"the vocabulary {list(vocabulary)}; fix the key"
+        )
     trained = {text.casefold() for text in vocabulary}
     table: dict[str, list[str]] = {}
     missing = []
@@ -238,9 +247,11 @@ def concept_warnings(records: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
                 f"the head's lower bound {record['ci_low']:.3f}"
             )
         if record.get("paraphrase_fragile") and above_chance(record):
+            threshold = max(0.5, record.get("random_head_p95") or 0.5)
             found.append(
                 f"{record['source']}: the paraphrase {record['paraphrase_worst_text']!r} scores AUROC "
-                f"{record['paraphrase_worst_auroc']:.3f}, not above chance and the random heads"
+                f"{record['paraphrase_worst_auroc']:.3f}, not above {threshold:.3f} (the larger of 0.5 and the "
+                f"random heads' 95th percentile)"
             )
         if found:
             warnings.setdefault(record["concept"], []).extend(found)

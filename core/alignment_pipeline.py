@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import time
 from pathlib import Path
@@ -43,10 +45,10 @@ from mammo_dissect.core.alignment_data import source_features
 from mammo_dissect.core.alignment_data import tissue_patch_samples
 from mammo_dissect.core.alignment_data import whole_samples
 from mammo_dissect.core.cache import ArrayCache
+from mammo_dissect.core.cache import write_bytes_atomic
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.types import ProbeSet
 from mammo_dissect.core.types import validate_options
-from mammo_dissect.core.weights import sha256_file
 
 
 logger = logging.getLogger(__name__)
@@ -99,7 +101,22 @@ def paraphrases_for(settings: AlignmentConfig, base: Path, vocabulary: list[str]
 
     text = settings.text_encoder
     from_file = read_paraphrases(base / Path(text.paraphrase_file).expanduser()) if text.paraphrase_file else {}
-    return paraphrase_table(vocabulary, builtin_paraphrases(), from_file, text.paraphrases, text.min_paraphrases)
+    builtin = builtin_paraphrases() if text.builtin_paraphrases else {}
+    return paraphrase_table(vocabulary, builtin, from_file, text.paraphrases, text.min_paraphrases)
+
+
+def check_leave_out(names: list[str], vocabulary: list[str]) -> None:
+    """Raise :class:`ConfigError` naming the ``training.leave_out`` concepts that no source labels."""
+    unknown = [name for name in names if name not in vocabulary]
+    if not unknown:
+        return
+    folded = {text.casefold(): text for text in vocabulary}
+    hints = [f"{folded[name.casefold()]!r} for {name!r}" for name in unknown if name.casefold() in folded]
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    raise ConfigError(
+        f"training.leave_out names {', '.join(repr(name) for name in unknown)}, which no source labels{hint}; "
+        f"use concepts of the vocabulary {vocabulary}"
+    )
 
 
 def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
@@ -112,7 +129,6 @@ def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
 
     started = time.perf_counter()
     training = settings.training
-    out_dir.mkdir(parents=True, exist_ok=True)
     cache = ArrayCache(Path(settings.cache_dir)) if settings.cache_dir else None
 
     sources: list[SourceSamples] = []
@@ -125,12 +141,7 @@ def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
 
     pairs = build_pairs(sources)
     paraphrases = paraphrases_for(settings, base, pairs.vocabulary)
-    left_out = [name for name in training.leave_out if name not in pairs.vocabulary]
-    if left_out:
-        raise ConfigError(
-            f"training.leave_out names {', '.join(repr(name) for name in left_out)}, which no source labels; "
-            f"use concepts of the vocabulary {pairs.vocabulary}"
-        )
+    check_leave_out(training.leave_out, pairs.vocabulary)
 
     target = load_target(settings.encoder.loader, **settings.encoder.options)
     encoder = encoder_description(
@@ -194,8 +205,9 @@ def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
     final_head = train_head(features, pairs, np.arange(len(pairs.patients)), text_embeddings, training, training.seed)
     training_seconds = time.perf_counter() - training_started
 
-    head_path = out_dir / HEAD_FILE
-    torch.save({key: value.detach().cpu() for key, value in final_head.state_dict().items()}, head_path)
+    buffer = io.BytesIO()
+    torch.save({key: value.detach().cpu() for key, value in final_head.state_dict().items()}, buffer)
+    head_bytes = buffer.getvalue()
     card = {
         "card_format": CARD_FORMAT,
         "name": settings.name,
@@ -211,14 +223,15 @@ def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
             "dim": int(text_embeddings.shape[1]),
         },
         "head_file": HEAD_FILE,
-        "head_sha256": sha256_file(head_path),
+        "head_sha256": hashlib.sha256(head_bytes).hexdigest(),
         "vocabulary": pairs.vocabulary,
         "gated_concepts": gated,
         "concept_warnings": concept_warnings(records),
         "gate_rule": (
             "a concept is gated in when, in every source that labels it, the lower bound of its patient-cluster "
             f"bootstrap {training.level:.0%} interval of the held-out AUROC is above 0.5 and above the 95th "
-            "percentile of the untrained heads' AUROCs"
+            f"percentile of the untrained heads' AUROCs, with at least {training.min_positive_patients} patients "
+            "with the concept"
         ),
         "sources": [
             {
@@ -241,7 +254,11 @@ def run_training(settings: AlignmentConfig, base: Path, out_dir: Path) -> Path:
         "bad_labels": bad_labels,
         "timings_seconds": {"features": round(feature_seconds, 2), "training_and_checks": round(training_seconds, 2)},
     }
+    out_dir.mkdir(parents=True, exist_ok=True)
     card_path = out_dir / CARD_FILE
+    # Each file is renamed into place whole. A run killed between the two renames leaves the old card
+    # beside the new head, which the dissector rejects because the hashes differ.
+    write_bytes_atomic(out_dir / HEAD_FILE, head_bytes)
     write_card(card_path, card)
     logger.info(
         "wrote alignment card %s: %d of %d concepts gated in (%s)",

@@ -75,6 +75,7 @@ def card_view(card: dict[str, Any]) -> dict[str, Any]:
         "concepts": rows,
         "leave_concept_out": card.get("leave_concept_out") or [],
         "bad_labels": bad_labels,
+        "used_ungated": [],
     }
 
 
@@ -91,5 +92,5 @@ def render_card(card_path: str | Path, out_path: str | Path) -> Path:
         card=card_view(card), card_path=str(path), comparison_link=None
     )
     out.write_text(html, encoding="utf-8")
-    logger.info("alignment card %s written to %s", card_path, out)
+    logger.info("alignment card %s rendered to %s", card_path, out)
     return out

@@ -661,10 +661,10 @@ def align_train(config: Path, out_dir: Path) -> None:
     """
     from mammo_dissect.core.alignment import train_alignment
 
-    card = train_alignment(config, out_dir)
+    card = train_alignment(config, out_dir).resolve()
     click.echo(f"alignment card: {card}")
     click.echo(f'use it with: [dissector] name = "aligned" options = {{ card = "{card}" }}')
-    click.echo(f"see it as a page: mammo-dissect align card {card} --out {Path(out_dir) / 'card.html'}")
+    click.echo(f"see it as a page: mammo-dissect align card {card} --out {card.parent / 'card.html'}")
 
 
 @align.command(name="card")

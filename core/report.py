@@ -687,14 +687,22 @@ def _resolve_run(store: Store, run_id: str | None) -> dict[str, Any]:
     return store.get_run(run_id)
 
 
-def _alignment_card(models: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Return the card view of an aligned dissector, taking the card out of its model row; None for others."""
+def _alignment_card(store: Store, run_id: str, models: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Return the card view of an aligned dissector, taking the card out of its model row; None for others.
+
+    The view also lists the run's concepts that the card did not gate in
+    (possible with the dissector's ``allow_ungated`` option).
+    """
     from mammo_dissect.core.alignment_report import card_view
 
     for model in models:
         described = model["preprocessing"]
         if model["role"] == "dissector" and isinstance(described, dict) and isinstance(described.get("card"), dict):
-            return card_view(described.pop("card"))
+            view = card_view(described.pop("card"))
+            _, rows = store.query("SELECT text FROM concepts WHERE run_id = ? ORDER BY concept_id", [run_id])
+            gated = set(view["gated_concepts"])
+            view["used_ungated"] = [text for (text,) in rows if text not in gated]
+            return view
     return None
 
 
@@ -734,7 +742,7 @@ def _render_run(
     links = {(full_id, layer["name"]): layer["pages"][0]["file"] for layer in layers}
     overview = build_overview(store, overview_runs or [own], threshold, alpha, links)
     target = next((model for model in models if model["role"] == "target"), None)
-    alignment_card = _alignment_card(models)
+    alignment_card = _alignment_card(store, full_id, models)
     stored_top_n = (run.get("config") or {}).get("top_n")
     common = {
         "run": run,

@@ -122,7 +122,7 @@ def write_card(folder: Path, gated: list[str]) -> Path:
     """Write a minimal card with an empty head file."""
     (folder / "head.pt").write_bytes(b"")
     card = {"encoder": {}, "text_encoder": {}, "head_file": "head.pt", "gated_concepts": gated,
-            "vocabulary": ["fatty tissue", "pectoral muscle"]}
+            "vocabulary": ["fatty tissue", "pectoral muscle"], "concepts": []}
     path = folder / "card.json"
     path.write_text(json.dumps(card), encoding="utf-8")
     return path
@@ -263,3 +263,41 @@ name = "correlation"
         assert f"<td>{concept}</td>" in html
     # The card is shown as a section, not dumped as JSON into the models table.
     assert '"random_head_aurocs"' not in html
+
+
+def test_ungated_message_separates_untrained_and_failed(tmp_path: Path) -> None:
+    card = write_card(tmp_path, ["pectoral muscle"])
+    with pytest.raises(ConceptSetError) as raised:
+        AlignedDissector().check(
+            AlignedOptions(card=str(card)), None, ["fatty tissue", "Pectoral Muscle", "aircraft"]  # type: ignore[arg-type]
+        )
+    message = str(raised.value)
+    assert "never trained on 'Pectoral Muscle', 'aircraft'" in message
+    assert "did you mean 'pectoral muscle' for 'Pectoral Muscle'?" in message
+    assert "trained on but not gated in: 'fatty tissue'" in message
+
+
+def test_head_with_other_hash_rejected(tmp_path: Path) -> None:
+    from mammo_dissect.core.errors import ModelLoadError
+
+    card = write_card(tmp_path, ["pectoral muscle"])
+    values = json.loads(card.read_text(encoding="utf-8"))
+    values["head_sha256"] = "0" * 64
+    card.write_text(json.dumps(values), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="records 0000.*belongs to another training run or is damaged"):
+        AlignedDissector().check(AlignedOptions(card=str(card)), None, ["pectoral muscle"])  # type: ignore[arg-type]
+
+
+def test_unreadable_head_rejected(tmp_path: Path) -> None:
+    from mammo_dissect.core.errors import ModelLoadError
+    from mammo_dissect.core.weights import sha256_file
+    from mammo_dissect.plugins.dissectors.aligned import load_head
+    from mammo_dissect.plugins.dissectors.aligned import read_card
+
+    card = write_card(tmp_path, ["pectoral muscle"])
+    (tmp_path / "head.pt").write_bytes(b"PK\x03\x04 not a whole zip archive")
+    values = json.loads(card.read_text(encoding="utf-8"))
+    values["head_sha256"] = sha256_file(tmp_path / "head.pt")
+    card.write_text(json.dumps(values), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="is not a readable head"):
+        load_head(read_card(str(card)))

@@ -270,3 +270,87 @@ def test_chance_heads_get_no_flags() -> None:
     assert records[0]["shortcut_flags"] == []
     records[0].update(paraphrase_fragile=True, paraphrase_worst_text="lump", paraphrase_worst_auroc=0.4)
     assert concept_warnings(records) == {}
+
+
+def test_paraphrase_table_rejects_unknown_configured_key() -> None:
+    with pytest.raises(ConfigError, match="names 'fatty tisue', which is not a concept of the vocabulary"):
+        paraphrase_table(["fatty tissue"], {"fatty tissue": ["fat", "adipose"]}, {}, {"fatty tisue": ["fat"]}, 2)
+
+
+def test_paraphrase_file_checks_folder_and_empty_concept(tmp_path: Path) -> None:
+    with pytest.raises(ConceptSetError, match="is a folder"):
+        read_paraphrases(tmp_path)
+    path = tmp_path / "paraphrases.tsv"
+    path.write_text("\tadipose tissue\tfat\n", encoding="utf-8")
+    with pytest.raises(ConceptSetError, match="line 1: the concept field is empty"):
+        read_paraphrases(path)
+
+
+@pytest.mark.parametrize(
+    ("text_encoder", "message"),
+    [
+        ({"paraphrases": {"fatty tissue": ["adipose tissue", " "]}}, "contain an empty string"),
+        ({"paraphrase_file": ""}, "paraphrase_file is empty"),
+        ({"min_paraphrases": 1}, "greater than or equal to 2"),
+    ],
+)
+def test_text_encoder_options_rejected(text_encoder: dict, message: str) -> None:
+    from mammo_dissect.core.alignment import read_config
+
+    config = {"sources": [{"name": "s", "kind": "whole", "probe_set": "mini-mias"}], "text_encoder": text_encoder}
+    with pytest.raises(ConfigError, match=message):
+        read_config(config)
+
+
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        ({"leave_out": ["normal", "normal"]}, "listed more than once: normal"),
+        ({"shortcuts_gate": "yes"}, "valid boolean"),
+        ({"min_positive_patients": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_training_options_rejected(training: dict, message: str) -> None:
+    from mammo_dissect.core.alignment import read_config
+
+    config = {"sources": [{"name": "s", "kind": "whole", "probe_set": "mini-mias"}], "training": training}
+    with pytest.raises(ConfigError, match=message):
+        read_config(config)
+
+
+def test_leave_out_unknown_concept_hints_case() -> None:
+    from mammo_dissect.core.alignment_pipeline import check_leave_out
+
+    with pytest.raises(ConfigError, match=r"'Pectoral Muscle'.*did you mean 'pectoral muscle' for 'Pectoral Muscle'"):
+        check_leave_out(["Pectoral Muscle"], ["pectoral muscle", "fatty tissue"])
+    check_leave_out(["fatty tissue"], ["pectoral muscle", "fatty tissue"])
+
+
+def test_gate_needs_enough_positive_patients() -> None:
+    from mammo_dissect.core.alignment import evaluate
+
+    captions = [("mass",) if index < 3 else ("normal",) for index in range(30)]
+    samples = [Sample("crops", index, f"i{index}", f"p{index}", caption) for index, caption in enumerate(captions)]
+    source = SourceSamples("crops", "lesions", SimpleNamespace(reader="r"), samples, ["mass", "normal"])  # type: ignore[arg-type]
+    pairs = build_pairs([source])
+    perfect = pairs.targets.copy()
+    rng = np.random.default_rng(0)
+    random_heads = [rng.normal(size=perfect.shape) for _ in range(10)]
+    for minimum, gated in ((3, True), (4, False)):
+        settings = TrainingConfig(bootstrap=100, min_positive_patients=minimum)
+        mass = evaluate(pairs, perfect, random_heads, random_heads[:3], perfect, settings)[0]
+        assert mass["concept"] == "mass"
+        assert mass["gated"] is gated, mass["reason"]
+    assert "only 3 patient(s) with the concept" in mass["reason"]
+
+
+def test_failed_training_leaves_no_output(tmp_path: Path, synthetic_probe: Path, tiny_registry: object) -> None:
+    from mammo_dissect.core.alignment import train_alignment
+
+    config = {
+        "cache_dir": str(tmp_path / "cache"),
+        "sources": [{"name": "s", "kind": "whole", "probe_set": "synthetic", "options": {"root": str(synthetic_probe)}}],
+    }
+    with pytest.raises(ConfigError, match="fewer than 2 paraphrases"):
+        train_alignment(config, tmp_path / "card")
+    assert not (tmp_path / "card").exists()

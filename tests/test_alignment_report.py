@@ -125,3 +125,46 @@ def test_invalid_card_files_rejected(tmp_path: Path, content: str | None, messag
         card.write_text(content, encoding="utf-8")
     with pytest.raises(ModelLoadError, match=message):
         render_card(card, tmp_path / "card.html")
+
+
+def write_json(path: Path, value: object) -> Path:
+    path.write_text(json.dumps(value), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"card_format": 99}, "card_format 99, but this mammo-dissect reads formats 1 to 2"),
+        ({"concepts": "x"}, r"concepts \(str, expected list\)"),
+        ({"gated_concepts": 7}, r"gated_concepts \(int, expected list\)"),
+        ({"concepts": [{"concept": 5}]}, "objects with a concept string"),
+        ({"gated_concepts": ["spiculated mass"]}, "gates in 'spiculated mass', which its vocabulary does not contain"),
+    ],
+)
+def test_malformed_cards_rejected(tmp_path: Path, change: dict, message: str) -> None:
+    card = write_json(tmp_path / "card.json", {**full_card(), **change})
+    with pytest.raises(ModelLoadError, match=message):
+        render_card(card, tmp_path / "card.html")
+
+
+def test_card_lacking_keys_rejected(tmp_path: Path) -> None:
+    card = write_json(tmp_path / "card.json", {"card_format": 2})
+    with pytest.raises(ModelLoadError, match="lacks encoder, text_encoder, head_file"):
+        render_card(card, tmp_path / "card.html")
+
+
+def test_report_lists_ungated_concepts_used() -> None:
+    from mammo_dissect.core.report import _alignment_card
+
+    class Store:
+        def query(self, sql: str, params: list) -> tuple[list, list]:
+            return ["text"], [("normal",), ("calcification",)]
+
+    models = [{"role": "target", "preprocessing": {}},
+              {"role": "dissector", "preprocessing": {"plugin": "aligned", "card": full_card()}}]
+    view = _alignment_card(Store(), "run", models)  # type: ignore[arg-type]
+    assert view is not None
+    assert view["used_ungated"] == ["calcification"]
+    assert "card" not in models[1]["preprocessing"]
+    assert _alignment_card(Store(), "run", [{"role": "dissector", "preprocessing": {"plugin": "clip"}}]) is None  # type: ignore[arg-type]

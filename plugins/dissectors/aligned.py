@@ -54,41 +54,102 @@ class AlignedOptions(Options):
 
 
 def read_card(path: str) -> dict[str, Any]:
-    """Read an alignment card and check that its head file exists and matches its hash."""
+    """Read an alignment card and check that its head file exists and has the hash the card records."""
     card_path = Path(path).expanduser()
     card = load_card(card_path, "set dissector.options.card to the card.json written by alignment training")
-    missing = [key for key in ("encoder", "text_encoder", "head_file", "gated_concepts", "vocabulary") if key not in card]
-    if missing:
-        raise ModelLoadError(f"alignment card {card_path} lacks {', '.join(missing)}; train it again")
     head_path = card_path.parent / card["head_file"]
     if not head_path.is_file():
         raise ModelLoadError(f"head file {head_path} named by alignment card {card_path} not found; train it again")
+    expected = card.get("head_sha256")
+    if expected is not None:
+        found = sha256_file(head_path)
+        if found != expected:
+            raise ModelLoadError(
+                f"head file {head_path} has sha256 {found}, but alignment card {card_path} records {expected}: "
+                f"the head belongs to another training run or is damaged; train the card again"
+            )
     card["_head_path"] = str(head_path)
     card["_card_path"] = str(card_path)
     return card
 
 
-def check_gated(card: dict[str, Any], concepts: Sequence[str], allow_ungated: bool) -> None:
-    """Raise :class:`ConceptSetError` listing the concepts the card did not gate in, unless allowed."""
-    gated = set(card["gated_concepts"])
+def log_card_warnings(card: dict[str, Any], concepts: Sequence[str]) -> None:
+    """Log the card's warnings (shortcut flags, fragile paraphrases) about each concept in ``concepts``."""
     warned = card.get("concept_warnings") or {}
     for text in concepts:
         for message in warned.get(text, ()):
             logger.warning("aligned dissector: card %s warns about concept %r: %s", card["_card_path"], text, message)
+
+
+def check_gated(card: dict[str, Any], concepts: Sequence[str], allow_ungated: bool) -> None:
+    """Raise :class:`ConceptSetError` listing the concepts the card did not gate in, unless allowed.
+
+    The message separates concepts the head was never trained on from
+    concepts it was trained on that failed the gate.
+    """
+    gated = set(card["gated_concepts"])
+    trained = set(card["vocabulary"])
     ungated = [text for text in concepts if text not in gated]
     if not ungated:
         return
+    failed = [text for text in ungated if text in trained]
+    untrained = [text for text in ungated if text not in trained]
+    parts = []
+    if untrained:
+        parts.append(f"never trained on {', '.join(repr(text) for text in untrained)}")
+        hints = close_matches(untrained, sorted(trained))
+        if hints:
+            parts[-1] += f" (did you mean {hints}?)"
+    if failed:
+        parts.append(f"trained on but not gated in: {', '.join(repr(text) for text in failed)}")
+    found = "; ".join(parts)
     if allow_ungated:
         logger.warning(
-            "aligned dissector: %d concept(s) were not gated in by card %s and are used anyway (allow_ungated): %s",
-            len(ungated), card["_card_path"], ", ".join(ungated),
+            "aligned dissector: card %s gives no support to %d concept(s), used anyway (allow_ungated): %s",
+            card["_card_path"], len(ungated), found,
         )
         return
     raise ConceptSetError(
-        f"the aligned dissector's card {card['_card_path']} does not gate in {len(ungated)} concept(s): "
-        f"{', '.join(repr(text) for text in ungated)}. Gated in: {', '.join(sorted(gated)) or 'none'}. Use only "
-        f"gated concepts, or set dissector.options.allow_ungated = true to use them without support"
+        f"the aligned dissector's card {card['_card_path']} does not support {len(ungated)} concept(s): {found}. "
+        f"Gated in: {', '.join(sorted(gated)) or 'none'}. Use only gated concepts, or set "
+        f"dissector.options.allow_ungated = true to use them without support"
     )
+
+
+def close_matches(texts: Sequence[str], vocabulary: Sequence[str]) -> str:
+    """Return the vocabulary concepts equal to ``texts`` but for case and spaces, as "'a' for 'A'" pairs."""
+    folded = {" ".join(text.split()).casefold(): text for text in vocabulary}
+    pairs = []
+    for text in texts:
+        match = folded.get(" ".join(text.split()).casefold())
+        if match is not None:
+            pairs.append(f"{match!r} for {text!r}")
+    return ", ".join(pairs)
+
+
+def load_head(card: dict[str, Any]) -> torch.nn.Module:
+    """Load the card's linear head; raise :class:`ModelLoadError` when the file is not a head state."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    from mammo_dissect.core.alignment import make_head
+
+    path = card["_head_path"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        head = make_head(
+            state["feature_mean"].numpy(), state["feature_std"].numpy(), state["linear.weight"].shape[0], seed=0
+        )
+        head.load_state_dict(state, strict=True)
+    except (OSError, RuntimeError, KeyError, AttributeError, TypeError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as exc:
+        raise ModelLoadError(
+            f"head file {path} of alignment card {card['_card_path']} is not a readable head "
+            f"({type(exc).__name__}: {exc}); train the card again"
+        ) from None
+    return head
 
 
 class AlignedDissector(EmbeddingDissector):
@@ -101,13 +162,14 @@ class AlignedDissector(EmbeddingDissector):
     def check(self, options: Options, probe_set: ProbeSet, concepts: Sequence[str]) -> None:
         """Reject concepts that the card did not gate in, before any model runs."""
         assert isinstance(options, AlignedOptions)
-        check_gated(read_card(options.card), concepts, options.allow_ungated)
+        card = read_card(options.card)
+        check_gated(card, concepts, options.allow_ungated)
+        log_card_warnings(card, concepts)
 
     def load(self, options: Options) -> LoadedDissector:
         """Load the target, the head and the sentence encoder named by the card."""
         import torch
 
-        from mammo_dissect.core.alignment import make_head
         from mammo_dissect.core.api import load_target
         from mammo_dissect.core.sentence_encoder import SentenceEncoder
 
@@ -121,11 +183,7 @@ class AlignedDissector(EmbeddingDissector):
                 f"{card['_card_path']} was trained on {encoder['weights_sha256']}; install the same weights or "
                 f"train the card again"
             )
-        state = torch.load(card["_head_path"], map_location="cpu", weights_only=True)
-        head = make_head(
-            state["feature_mean"].numpy(), state["feature_std"].numpy(), state["linear.weight"].shape[0], seed=0
-        )
-        head.load_state_dict(state, strict=True)
+        head = load_head(card)
         head.eval()
         text_config = card["text_encoder"]
         text_encoder = SentenceEncoder(text_config.get("configured_path"), int(text_config.get("max_tokens", 128)))
