@@ -32,6 +32,7 @@ from mammo_dissect.core.cache import cache_key
 from mammo_dissect.core.concepts import NormalisedConcepts
 from mammo_dissect.core.concepts import normalise_concepts
 from mammo_dissect.core.config import RunConfig
+from mammo_dissect.core.config import SimilarityConfig
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import MammoDissectError
 from mammo_dissect.core.errors import PluginError
@@ -139,6 +140,17 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
+def with_dissector_similarity(config: RunConfig, dissector: Any) -> RunConfig:
+    """Return ``config`` with the dissector's default similarity function when the configuration sets none."""
+    preferred = getattr(dissector, "default_similarity", None)
+    if not preferred or "similarity" in config.model_fields_set:
+        return config
+    logger.info(
+        "similarity: %s, the default of dissector %r (set [similarity] to choose another)", preferred, dissector.name
+    )
+    return config.model_copy(update={"similarity": SimilarityConfig(name=preferred)})
+
+
 def prepare(
     config: RunConfig,
     registry: Registry | None = None,
@@ -159,6 +171,7 @@ def prepare(
     target_loader = registry.get("target loader", config.target.loader)
     dissector = registry.get("dissector", config.dissector.name)
     concept_source = registry.get("concept set", config.concept_set.name)
+    config = with_dissector_similarity(config, dissector)
     similarity = registry.get("similarity function", config.similarity.name)
 
     reader_options = validate_options(reader.Options, config.probe_set.options, "probe_set.options")

@@ -256,6 +256,10 @@ class Runtime:
 class Dissector(Plugin):
     """Produces the image-concept matrix P [N x M] for a probe set."""
 
+    #: Similarity function a run uses with this dissector when its configuration has no
+    #: ``[similarity]`` table; None keeps the run configuration's default (soft_wpmi).
+    default_similarity: str | None = None
+
     def image_concept_matrix(
         self,
         options: Options,

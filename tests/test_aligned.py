@@ -248,8 +248,6 @@ options = {{ card = {json.dumps(str(card_path))} }}
 [concept_set]
 name = "text"
 options = {{ path = {json.dumps(str(concepts))} }}
-[similarity]
-name = "correlation"
 """,
         encoding="utf-8",
     )
@@ -257,6 +255,8 @@ name = "correlation"
     code, _out, err = run_main(["-q", "run", str(config), "--report", str(report)], capsys)
     assert code == 0, err
     html = (report / "index.html").read_text(encoding="utf-8")
+    # Without a [similarity] table the aligned dissector's default, correlation, is used.
+    assert "<dd>correlation</dd>" in html
     assert "Alignment card:" in html
     assert "Leave-concept-out" in html
     for concept in gated:
@@ -301,3 +301,15 @@ def test_unreadable_head_rejected(tmp_path: Path) -> None:
     card.write_text(json.dumps(values), encoding="utf-8")
     with pytest.raises(ModelLoadError, match="is not a readable head"):
         load_head(read_card(str(card)))
+
+
+def test_dissector_default_similarity_applies_when_unset(tiny_config: dict) -> None:
+    from mammo_dissect.core.config import load_config
+    from mammo_dissect.core.pipeline import with_dissector_similarity
+
+    preferring = SimpleNamespace(name="aligned", default_similarity="correlation")
+    unset = load_config(None, data={key: value for key, value in tiny_config.items() if key != "similarity"})
+    assert with_dissector_similarity(unset, preferring).similarity.name == "correlation"
+    explicit = load_config(None, data=tiny_config)
+    assert with_dissector_similarity(explicit, preferring).similarity.name == "soft_wpmi"
+    assert with_dissector_similarity(unset, SimpleNamespace(name="annotation")).similarity.name == "soft_wpmi"

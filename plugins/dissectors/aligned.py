@@ -10,8 +10,9 @@ the concept in the card's prompt template; the core normalises both.
 The head was trained and checked on a closed vocabulary only.  Concepts
 that the card did not gate in (see ``gated_concepts`` in the card) are
 rejected unless ``allow_ungated = true``.  Use the ``correlation``
-similarity function with this dissector: its cosines are not calibrated
-probabilities, which soft_wpmi assumes.
+similarity function with this dissector (the default when a run sets no
+``[similarity]``): its cosines are not calibrated probabilities, which
+soft_wpmi assumes.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ class AlignedDissector(EmbeddingDissector):
     name = "aligned"
     description = "closed-vocabulary dissector: frozen image features, linear head, frozen sentence encoder"
     Options = AlignedOptions
+    # The head's cosines are not calibrated probabilities, which soft_wpmi assumes.
+    default_similarity = "correlation"
 
     def check(self, options: Options, probe_set: ProbeSet, concepts: Sequence[str]) -> None:
         """Reject concepts that the card did not gate in, before any model runs."""
