@@ -43,9 +43,9 @@ from mammo_dissect.core.validity import write_rows
 
 if TYPE_CHECKING:
     from mammo_dissect.core.config import RunConfig
-    from mammo_dissect.core.pipeline import ConceptEvidence
     from mammo_dissect.core.pipeline import Plan
     from mammo_dissect.core.plugins import Registry
+    from mammo_dissect.core.scoring import ConceptEvidence
 
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def control_context(
     config: RunConfig, run_id: str, registry: Registry | None = None, progress: bool = False
 ) -> ControlContext:
     """Prepare the study once without the permutation baseline and load its layers' activations."""
-    from mammo_dissect.core.pipeline import cached_activations
+    from mammo_dissect.core.activations import cached_activations
     from mammo_dissect.core.pipeline import prepare
 
     plan = prepare(config.model_copy(update={"permutations": 0}), registry, progress=progress)
@@ -158,7 +158,7 @@ def control_context(
 
 def evidence_for_texts(plan: Plan, texts: Sequence[str]) -> ConceptEvidence:
     """Run the plan's dissector on ``texts`` in place of the plan's concepts."""
-    from mammo_dissect.core.pipeline import concept_evidence
+    from mammo_dissect.core.scoring import concept_evidence
 
     swapped = dataclasses.replace(plan, concepts=_renamed_concepts(plan, texts))
     return concept_evidence(swapped)
@@ -185,7 +185,7 @@ def with_dissector(plan: Plan, name: str, options: dict[str, Any]) -> Plan:
 
 def permuted_evidence(evidence: ConceptEvidence, order: np.ndarray) -> ConceptEvidence:
     """Return the evidence with concept column j taken from concept ``order[j]``."""
-    from mammo_dissect.core.pipeline import ConceptEvidence
+    from mammo_dissect.core.scoring import ConceptEvidence
 
     index = np.asarray(order, dtype=np.int64)
     if evidence.P is not None:
@@ -196,7 +196,7 @@ def permuted_evidence(evidence: ConceptEvidence, order: np.ndarray) -> ConceptEv
 
 def image_subset_evidence(evidence: ConceptEvidence, rows: np.ndarray) -> ConceptEvidence:
     """Return the evidence of the probe images ``rows`` (repeats allowed), in that order."""
-    from mammo_dissect.core.pipeline import ConceptEvidence
+    from mammo_dissect.core.scoring import ConceptEvidence
 
     index = np.asarray(rows, dtype=np.int64)
     if evidence.P is not None:
@@ -262,7 +262,7 @@ def ceiling_evidence(context: ControlContext) -> ConceptEvidence | None:
     """Return the annotation dissector's evidence, or None when no concept is annotated."""
     from mammo_dissect.core.errors import ConceptSetError
     from mammo_dissect.core.errors import ProbeSetError
-    from mammo_dissect.core.pipeline import concept_evidence
+    from mammo_dissect.core.scoring import concept_evidence
 
     try:
         plan = with_dissector(context.plan, "annotation", {})
@@ -300,7 +300,7 @@ def chance_controls(
         )
     run_id = study_run_id(config, registry, progress, run_id)
     context = control_context(config, run_id, registry, progress)
-    from mammo_dissect.core.pipeline import concept_evidence
+    from mammo_dissect.core.scoring import concept_evidence
 
     observed = concept_evidence(context.plan)
     counts = count_trial(context, "observed", None, trial_tops(context, observed))

@@ -85,7 +85,7 @@ def _shard_folder_name(index: int, count: int) -> str:
 
 def _group(plan: Any) -> tuple[dict[str, Any], dict[str, str], Path]:
     """Return the activation key parts, each layer's cache key and the shard group's folder."""
-    from mammo_dissect.core.pipeline import activation_key_parts
+    from mammo_dissect.core.activations import activation_key_parts
 
     base = activation_key_parts(plan)
     keys = {layer.name: cache_key({**base, "layer": layer.name}) for layer in plan.layers}
@@ -214,7 +214,7 @@ def _check_shards(
 def ingest(config: RunConfig, registry: Registry | None = None, progress: bool = True) -> list[LayerActivations]:
     """Assemble the finished shards of ``config`` and store every layer in the activation cache.
 
-    Stores under the same keys as :func:`mammo_dissect.core.pipeline.cached_activations`,
+    Stores under the same keys as :func:`mammo_dissect.core.activations.cached_activations`,
     so the next run of ``config`` reuses every layer.  Removes the shard folder afterwards.
     Raises :class:`ShardError` naming every missing shard, or every inconsistency.
     """

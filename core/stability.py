@@ -42,8 +42,8 @@ from mammo_dissect.core.validity import write_rows
 
 if TYPE_CHECKING:
     from mammo_dissect.core.config import RunConfig
-    from mammo_dissect.core.pipeline import ConceptEvidence
     from mammo_dissect.core.plugins import Registry
+    from mammo_dissect.core.scoring import ConceptEvidence
 
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def noise_trials(
     context: ControlContext, evidence: ConceptEvidence, std: float, repeats: int = 1, seed: int = 0
 ) -> list[list[np.ndarray]]:
     """Return the top concepts of every layer with activations extracted from noisy inputs, ``repeats`` times."""
-    from mammo_dissect.core.pipeline import cached_activations
+    from mammo_dissect.core.activations import cached_activations
 
     plan = context.plan
     trials = []
@@ -182,7 +182,7 @@ def stability(
     Earlier stability rows of the run are replaced.
     """
     from mammo_dissect.core.chance import trial_tops
-    from mammo_dissect.core.pipeline import concept_evidence
+    from mammo_dissect.core.scoring import concept_evidence
 
     if bootstrap < 0 or noise_repeats < 0:
         raise ConfigError(f"bootstrap={bootstrap} and noise_repeats={noise_repeats}: both must be 0 or more")

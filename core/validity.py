@@ -192,8 +192,8 @@ def run_activations(
     activation cache keys as the run had.  Raises :class:`ProbeSetError`
     when the probe images changed since the run.
     """
+    from mammo_dissect.core.activations import cached_activations
     from mammo_dissect.core.config import load_config
-    from mammo_dissect.core.pipeline import cached_activations
     from mammo_dissect.core.pipeline import prepare
 
     plan = prepare(load_config(None, data=config), registry, progress=progress)

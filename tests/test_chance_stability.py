@@ -11,8 +11,8 @@ import pytest
 from mammo_dissect.core.chance import chance_controls
 from mammo_dissect.core.chance import control_context
 from mammo_dissect.core.config import load_config
-from mammo_dissect.core.pipeline import concept_evidence
 from mammo_dissect.core.pipeline import run
+from mammo_dissect.core.scoring import concept_evidence
 from mammo_dissect.core.stability import NoisyPreprocess
 from mammo_dissect.core.stability import bootstrap_trials
 from mammo_dissect.core.stability import changed_shares

@@ -100,7 +100,7 @@ def test_run_after_ingest_extracts_nothing(tiny_config, tiny_registry, monkeypat
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the run extracted activations although ingest cached every layer")
 
-    monkeypatch.setattr("mammo_dissect.core.pipeline.extract_activations", fail)
+    monkeypatch.setattr("mammo_dissect.core.activations.extract_activations", fail)
     outcome = run_config(tiny_config, tiny_registry)
     assert rows(outcome.database, "SELECT count(*) FROM runs WHERE status = 'completed'") == [(1,)]
 

@@ -297,7 +297,7 @@ def test_top_images_per_patient_limit(tiny_config, tiny_registry):
 def test_top_images_per_patient_fills_when_few_patients():
     import torch
 
-    from mammo_dissect.core.pipeline import top_images_per_patient
+    from mammo_dissect.core.scoring import top_images_per_patient
 
     A = torch.tensor([[5.0], [4.0], [3.0], [2.0]])
     values, indices = top_images_per_patient(A, 3, 1, ["p1", "p1", "p2", "p2"])

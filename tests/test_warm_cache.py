@@ -15,7 +15,8 @@ import duckdb
 import numpy as np
 import pytest
 
-from mammo_dissect.core import pipeline
+from mammo_dissect.core import scoring
+from mammo_dissect.core.activations import UNBUILT
 from mammo_dissect.core.cache import ArrayCache
 from mammo_dissect.core.config import load_config
 from mammo_dissect.core.errors import PluginError
@@ -67,13 +68,13 @@ def with_paths(config: dict, tmp_path: Path, name: str, cache: str = "cache") ->
 def count_scoring(monkeypatch):
     """Count the layers actually scored (not taken from the score cache)."""
     calls = []
-    original = pipeline.compute_layer_scores
+    original = scoring.compute_layer_scores
 
     def counting(*args, **kwargs):
         calls.append(args[3])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "compute_layer_scores", counting)
+    monkeypatch.setattr(scoring, "compute_layer_scores", counting)
     return calls
 
 
@@ -253,7 +254,7 @@ def test_wrong_description_stops_run(tiny_config, tiny_registry, tmp_path, monke
 
 def test_unbuilt_model_fails_clearly():
     with pytest.raises(Exception, match="the target model was not built"):
-        pipeline.UNBUILT.eval()
+        UNBUILT.eval()
 
 
 def test_efficientnet_lite_description_matches_load(tmp_path):
