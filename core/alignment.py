@@ -636,8 +636,9 @@ CARD_KEYS: dict[str, type] = {
 
 
 def load_card(path: Path, hint: str) -> dict[str, Any]:
-    """Read and check the alignment card JSON at ``path``; ``hint`` tells the user what to do when it is missing.
+    """Read and check the alignment card JSON at ``path``.
 
+    ``hint`` is the next step that the error for a missing file suggests.
     :raises ModelLoadError: when the file is missing, is not a JSON object,
         comes from a newer card format, or lacks a key or has one of the wrong type.
     """

@@ -12,7 +12,7 @@ Each function adds fields to the per-(source, concept) records of
   text that was never trained on.  A label that only works for the trained
   wording is a label of a string, not of a concept.
 - Leave-concept-out: heads trained without a concept score it.  Near chance
-  means the dissector only knows its training vocabulary, which is what a
+  means the dissector labels only its training vocabulary, which is what a
   closed-vocabulary dissector claims.
 """
 
