@@ -28,6 +28,8 @@ from mammo_dissect.core.weights import check_local_file
 from mammo_dissect.core.weights import load_weights_strict
 from mammo_dissect.core.weights import read_state_dict
 from mammo_dissect.core.weights import sha256_file
+from mammo_dissect.plugins.targets.local_weights import described_target
+from mammo_dissect.plugins.targets.local_weights import model_spec
 
 
 logger = logging.getLogger(__name__)
@@ -117,19 +119,11 @@ class EfficientNetLiteLoader(TargetLoader):
             source="EfficientNet-Lite TensorFlow reference: (x * 255 - 127) / 128; grey replicated to RGB",
         )
 
-    @staticmethod
-    def _spec(options: EfficientNetLiteOptions) -> str:
-        return options.model + (" (random init)" if options.random_init else "")
-
     def describe(self, options: Options, file_sha256: Callable[[Path], str]) -> TargetDescription:
         assert isinstance(options, EfficientNetLiteOptions)
         weights_path = self._weights_path(options)
-        return TargetDescription(
-            preprocess=self._preprocess(options.input_size or NATIVE_SIZES[options.model]),
-            spec=self._spec(options),
-            weights_path=str(weights_path) if weights_path else None,
-            weights_sha256=file_sha256(weights_path) if weights_path else None,
-        )
+        preprocess = self._preprocess(options.input_size or NATIVE_SIZES[options.model])
+        return described_target(preprocess, model_spec(options), weights_path, file_sha256)
 
     def load(self, options: Options) -> LoadedTarget:
         assert isinstance(options, EfficientNetLiteOptions)
@@ -151,7 +145,7 @@ class EfficientNetLiteLoader(TargetLoader):
         return LoadedTarget(
             model=model,
             preprocess=self._preprocess(size),
-            spec=self._spec(options),
+            spec=model_spec(options),
             weights_path=str(weights_path) if weights_path else None,
             weights_sha256=sha,
         )

@@ -3,6 +3,7 @@
 Both loaders take the options ``model``, ``weights``, ``random_init``,
 ``seed`` and ``allow_partial``, build the architecture without weights,
 then load a local weights file strictly or keep the seeded random weights.
+:func:`described_target` serves every built-in loader's ``describe``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.types import LoadedTarget
+from mammo_dissect.core.types import TargetDescription
 from mammo_dissect.core.weights import check_local_file
 from mammo_dissect.core.weights import load_weights_strict
 from mammo_dissect.core.weights import read_state_dict
@@ -23,6 +25,13 @@ from mammo_dissect.core.weights import sha256_file
 
 if TYPE_CHECKING:
     import torch
+
+
+class ModelNameOptions(Protocol):
+    """Options that name a model and may request random weights."""
+
+    model: str
+    random_init: bool
 
 
 class NamedModelOptions(Protocol):
@@ -88,8 +97,33 @@ def named_loaded_target(
     return LoadedTarget(
         model=model,
         preprocess=preprocess,
-        spec=options.model + (" (random init)" if options.random_init else ""),
+        spec=model_spec(options),
         weights_path=str(weights_path) if weights_path else None,
         weights_sha256=weights_sha256,
+        **fields,
+    )
+
+
+def model_spec(options: ModelNameOptions) -> str:
+    """Return the model name, marked " (random init)" for random weights."""
+    return options.model + (" (random init)" if options.random_init else "")
+
+
+def described_target(
+    preprocess: Any,
+    spec: str,
+    weights_path: Path | None,
+    file_sha256: Callable[[Path], str],
+    **fields: Any,
+) -> TargetDescription:
+    """Return a :class:`TargetDescription` whose weights file (None for random weights) is hashed by ``file_sha256``.
+
+    ``fields`` sets further fields such as ``token_layout``.
+    """
+    return TargetDescription(
+        preprocess=preprocess,
+        spec=spec,
+        weights_path=str(weights_path) if weights_path else None,
+        weights_sha256=file_sha256(weights_path) if weights_path else None,
         **fields,
     )

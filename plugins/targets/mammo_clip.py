@@ -17,6 +17,10 @@ The classifier adds ``classifier`` (its head, ``classifier.classification_head``
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -24,13 +28,25 @@ from pydantic import Field
 
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.hookspecs import hookimpl
+from mammo_dissect.core.safe_pickle import allowed_globals
+from mammo_dissect.core.safe_pickle import check_checkpoint_file
+from mammo_dissect.core.safe_pickle import to_plain
 from mammo_dissect.core.types import LoadedTarget
 from mammo_dissect.core.types import Options
+from mammo_dissect.core.types import TargetDescription
 from mammo_dissect.core.types import TargetLoader
+from mammo_dissect.core.weights import check_local_file
 from mammo_dissect.core.weights import load_weights_strict
+from mammo_dissect.core.weights import sniff_format
+from mammo_dissect.core.weights import strip_prefixes
+from mammo_dissect.plugins.mammo_clip_checkpoint import IMAGE_PREFIX
+from mammo_dissect.plugins.mammo_clip_checkpoint import VARIANTS
 from mammo_dissect.plugins.mammo_clip_checkpoint import build_image_encoder
 from mammo_dissect.plugins.mammo_clip_checkpoint import build_preprocess
+from mammo_dissect.plugins.mammo_clip_checkpoint import image_encoder_variant
 from mammo_dissect.plugins.mammo_clip_checkpoint import read_mammo_clip_checkpoint
+from mammo_dissect.plugins.mammo_clip_checkpoint import read_sidecar
+from mammo_dissect.plugins.targets.local_weights import described_target
 
 
 if TYPE_CHECKING:
@@ -60,6 +76,14 @@ class MammoClipEncoderLoader(TargetLoader):
     description = "Mammo-CLIP's EfficientNet-B5/B2 image encoder from a local checkpoint (lukemelas layer names)"
     Options = MammoClipTargetOptions
 
+    def describe(self, options: Options, file_sha256: Callable[[Path], str]) -> TargetDescription | None:
+        assert isinstance(options, MammoClipTargetOptions)
+        layout = read_checkpoint_layout(options.checkpoint, "target.options.checkpoint")
+        if layout is None:
+            return None
+        spec = encoder_spec(layout.variant, layout.path)
+        return described_target(build_preprocess(layout.variant), spec, layout.path, file_sha256)
+
     def load(self, options: Options) -> LoadedTarget:
         assert isinstance(options, MammoClipTargetOptions)
         checkpoint = read_mammo_clip_checkpoint(options.checkpoint, "target.options.checkpoint")
@@ -76,7 +100,7 @@ class MammoClipEncoderLoader(TargetLoader):
         return LoadedTarget(
             model=model,
             preprocess=build_preprocess(checkpoint.variant),
-            spec=f"mammo-clip-encoder EfficientNet-{checkpoint.variant.upper()} ({checkpoint.path.name})",
+            spec=encoder_spec(checkpoint.variant, checkpoint.path),
             weights_path=str(checkpoint.path),
             weights_sha256=checkpoint.sha256,
         )
@@ -89,16 +113,22 @@ class MammoClipClassifierLoader(TargetLoader):
     description = "a Mammo-CLIP image encoder fine-tuned with a linear head, from a local .pth file"
     Options = MammoClipTargetOptions
 
+    def describe(self, options: Options, file_sha256: Callable[[Path], str]) -> TargetDescription | None:
+        assert isinstance(options, MammoClipTargetOptions)
+        layout = read_checkpoint_layout(options.checkpoint, "target.options.checkpoint")
+        if layout is None:
+            return None
+        n_class, features = classification_head_shape(layout.state, options)
+        if features != VARIANTS[layout.variant][2]:
+            # build_classifier rejects this file in load(), with the reason.
+            return None
+        spec = classifier_spec(layout.variant, n_class, layout.path)
+        return described_target(build_preprocess(layout.variant), spec, layout.path, file_sha256)
+
     def load(self, options: Options) -> LoadedTarget:
         assert isinstance(options, MammoClipTargetOptions)
         checkpoint = read_mammo_clip_checkpoint(options.checkpoint, "target.options.checkpoint")
-        head_weight = checkpoint.state.get(HEAD_PREFIX + "weight")
-        if head_weight is None or head_weight.ndim != 2:
-            raise ModelLoadError(
-                f"target.options.checkpoint={options.checkpoint!r} has no 2-D {HEAD_PREFIX}weight; for a "
-                f"Mammo-CLIP checkpoint without a classification head use the loader mammo-clip-encoder"
-            )
-        n_class, features = (int(size) for size in head_weight.shape)
+        n_class, features = classification_head_shape(checkpoint.state, options)
         model = build_classifier(checkpoint.variant, features, n_class, bias=HEAD_PREFIX + "bias" in checkpoint.state)
         state = {
             (key[len("image_encoder."):] if key.startswith("image_encoder.") else key): value
@@ -117,10 +147,107 @@ class MammoClipClassifierLoader(TargetLoader):
         return LoadedTarget(
             model=model,
             preprocess=build_preprocess(checkpoint.variant),
-            spec=f"mammo-clip-classifier EfficientNet-{checkpoint.variant.upper()}, {n_class} output(s) ({checkpoint.path.name})",
+            spec=classifier_spec(checkpoint.variant, n_class, checkpoint.path),
             weights_path=str(checkpoint.path),
             weights_sha256=checkpoint.sha256,
         )
+
+
+def encoder_spec(variant: str, path: Path) -> str:
+    return f"mammo-clip-encoder EfficientNet-{variant.upper()} ({path.name})"
+
+
+def classifier_spec(variant: str, n_class: int, path: Path) -> str:
+    return f"mammo-clip-classifier EfficientNet-{variant.upper()}, {n_class} output(s) ({path.name})"
+
+
+def classification_head_shape(state: Mapping[str, Any], options: MammoClipTargetOptions) -> tuple[int, int]:
+    """Return (outputs, input features) of the fine-tuned head's weight, or raise when there is no 2-D head weight."""
+    head_weight = state.get(HEAD_PREFIX + "weight")
+    if head_weight is None or head_weight.ndim != 2:
+        raise ModelLoadError(
+            f"target.options.checkpoint={options.checkpoint!r} has no 2-D {HEAD_PREFIX}weight; for a "
+            f"Mammo-CLIP checkpoint without a classification head use the loader mammo-clip-encoder"
+        )
+    n_class, features = (int(size) for size in head_weight.shape)
+    return n_class, features
+
+
+@dataclass
+class CheckpointLayout:
+    """The weight names and shapes of a Mammo-CLIP file and its image encoder variant, read without the weights."""
+
+    path: Path
+    #: ``"b5"`` or ``"b2"``, decided as :func:`read_mammo_clip_checkpoint` decides it.
+    variant: str
+    #: The ``model`` entries with wrapper prefixes removed, as tensors whose values are not read
+    #: (memory-mapped, or on the meta device for ``.safetensors`` files).
+    state: dict[str, torch.Tensor]
+
+
+def read_checkpoint_layout(value: str, option: str) -> CheckpointLayout | None:
+    """Read what :func:`read_mammo_clip_checkpoint` reads, except the weights' values.
+
+    A ``torch.save`` zip file is loaded memory-mapped, so its tensors are
+    not read, and a ``.safetensors`` file gives names and shapes in its
+    header.  Returns None when the layout cannot be read this way: a file
+    written by the legacy (non-zip) ``torch.save`` or one that
+    :func:`read_mammo_clip_checkpoint` would reject.  The model is then
+    built, and loading it reports any problem.  Raises the errors of
+    :func:`read_mammo_clip_checkpoint` for a missing file, an invalid
+    sidecar, and weights that match neither encoder.
+    """
+    import torch
+
+    path = check_local_file(value, "Mammo-CLIP checkpoint", option)
+    if path.suffix == ".safetensors":
+        state = safetensors_shapes(path)
+        if state is None:
+            return None
+        sidecar = read_sidecar(path)
+        config = sidecar.get("config")
+        hint = sidecar.get("image_encoder")
+    else:
+        check_checkpoint_file(path, "Mammo-CLIP checkpoint")
+        if sniff_format(path) != "torch-zip":
+            return None
+        loaded = load_mapped(path)
+        if not isinstance(loaded, Mapping) or not isinstance(loaded.get("model"), Mapping):
+            return None
+        state = dict(loaded["model"])
+        config = to_plain(loaded.get("config"))
+        config = config if isinstance(config, Mapping) else None
+        hint = None
+    if not all(isinstance(item, torch.Tensor) for item in state.values()):
+        return None
+    state = strip_prefixes(state, [IMAGE_PREFIX])
+    return CheckpointLayout(path=path, variant=image_encoder_variant(state, config, hint, path), state=state)
+
+
+def load_mapped(path: Path) -> Any:
+    """Load a ``torch.save`` zip file memory-mapped with the restricted unpickler, or return None on any error."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # load() reads the file again and reports the error
+        logger.info("cannot read %s memory-mapped (%s: %s), so the model is built", path, type(exc).__name__, exc)
+        return None
+
+
+def safetensors_shapes(path: Path) -> dict[str, torch.Tensor] | None:
+    """Return a meta-device tensor of each entry's shape from a ``.safetensors`` header, or None when it cannot be read."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types, and load() reports them
+        logger.info("cannot read the header of %s (%s: %s), so the model is built", path, type(exc).__name__, exc)
+        return None
+    return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
 
 
 def build_classifier(variant: str, features: int, n_class: int, bias: bool = True) -> torch.nn.Module:

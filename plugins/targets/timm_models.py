@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 from typing import Any
 
@@ -14,8 +16,12 @@ from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.images import ImagePreprocess
 from mammo_dissect.core.types import LoadedTarget
 from mammo_dissect.core.types import Options
+from mammo_dissect.core.types import TargetDescription
 from mammo_dissect.core.types import TargetLoader
 from mammo_dissect.plugins.targets.local_weights import build_with_local_weights
+from mammo_dissect.plugins.targets.local_weights import described_target
+from mammo_dissect.plugins.targets.local_weights import local_weights_path
+from mammo_dissect.plugins.targets.local_weights import model_spec
 from mammo_dissect.plugins.targets.local_weights import named_loaded_target
 
 
@@ -49,40 +55,89 @@ class TimmLoader(TargetLoader):
     description = "any timm architecture by name, weights from a local file (never downloaded)"
     Options = TimmOptions
 
+    def describe(self, options: Options, file_sha256: Callable[[Path], str]) -> TargetDescription | None:
+        """Describe the target from the architecture built on PyTorch's meta device.
+
+        Parameters on the meta device have a shape but no storage, so this
+        build allocates no weights and computes no initial values.  It still
+        sets the pretrained configuration and the token attributes that
+        :meth:`load` reads.  Returns None, so that the model is built, when
+        an architecture cannot be built on the meta device.
+        """
+        assert isinstance(options, TimmOptions)
+        import timm
+        import torch
+
+        architecture = checked_architecture(options)
+        weights_path = local_weights_path(options, "timm")
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(architecture, pretrained=False, **model_kwargs(options))
+        except Exception as exc:  # any error here comes again from load(), which reports it
+            logger.info("timm %s cannot be built on the meta device (%s: %s), so the model is built", architecture, type(exc).__name__, exc)
+            return None
+        return described_target(
+            timm_preprocess(model, options, architecture),
+            model_spec(options),
+            weights_path,
+            file_sha256,
+            token_layout=token_layout(model),
+        )
+
     def load(self, options: Options) -> LoadedTarget:
         assert isinstance(options, TimmOptions)
         import timm
-        from timm.data import resolve_data_config
 
-        if options.model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or "://" in options.model:
-            raise ModelLoadError(
-                f"target.options.model={options.model!r}: give a timm architecture name (such as "
-                f"resnet50) and put the local weights file path in target.options.weights"
-            )
-        architecture = options.model.split(".")[0]
-        if architecture not in timm.list_models():
-            raise UnknownNameError("timm architecture", architecture, timm.list_models())
-        kwargs: dict[str, Any] = {"in_chans": options.in_chans}
-        if options.num_classes is not None:
-            kwargs["num_classes"] = options.num_classes
+        architecture = checked_architecture(options)
+        kwargs = model_kwargs(options)
         model, weights_path, sha = build_with_local_weights(
             options, "timm", lambda: timm.create_model(architecture, pretrained=False, **kwargs)
         )
-        config = resolve_data_config({}, model=model)
-        size = tuple(options.input_size or config["input_size"][1:])
-        mean = tuple(config["mean"])
-        std = tuple(config["std"])
-        if options.in_chans == 1:
-            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-        preprocess = ImagePreprocess(
-            size=(int(size[0]), int(size[1])),
-            mean=mean,
-            std=std,
-            channels=options.in_chans,
-            interpolation=config.get("interpolation", "bilinear") if config.get("interpolation") in ("bilinear", "bicubic") else "bilinear",
-            source=f"timm pretrained configuration of {architecture}; whole image resized, no centre crop",
-        )
+        preprocess = timm_preprocess(model, options, architecture)
         return named_loaded_target(model, preprocess, options, weights_path, sha, token_layout=token_layout(model))
+
+
+def checked_architecture(options: TimmOptions) -> str:
+    """Return the timm architecture that ``options.model`` names (any pretrained tag removed), or raise."""
+    import timm
+
+    if options.model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or "://" in options.model:
+        raise ModelLoadError(
+            f"target.options.model={options.model!r}: give a timm architecture name (such as "
+            f"resnet50) and put the local weights file path in target.options.weights"
+        )
+    architecture = options.model.split(".")[0]
+    if architecture not in timm.list_models():
+        raise UnknownNameError("timm architecture", architecture, timm.list_models())
+    return architecture
+
+
+def model_kwargs(options: TimmOptions) -> dict[str, Any]:
+    """Return the keyword arguments of ``timm.create_model`` that the options set."""
+    kwargs: dict[str, Any] = {"in_chans": options.in_chans}
+    if options.num_classes is not None:
+        kwargs["num_classes"] = options.num_classes
+    return kwargs
+
+
+def timm_preprocess(model: Any, options: TimmOptions, architecture: str) -> ImagePreprocess:
+    """Return the preprocessing of the model's pretrained configuration, with the options' input size and channels."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    size = tuple(options.input_size or config["input_size"][1:])
+    mean = tuple(config["mean"])
+    std = tuple(config["std"])
+    if options.in_chans == 1:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return ImagePreprocess(
+        size=(int(size[0]), int(size[1])),
+        mean=mean,
+        std=std,
+        channels=options.in_chans,
+        interpolation=config.get("interpolation", "bilinear") if config.get("interpolation") in ("bilinear", "bicubic") else "bilinear",
+        source=f"timm pretrained configuration of {architecture}; whole image resized, no centre crop",
+    )
 
 
 def token_layout(model: Any) -> dict[str, dict[str, Any]]:

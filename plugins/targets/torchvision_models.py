@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 from typing import Any
 
@@ -13,8 +15,12 @@ from mammo_dissect.core.hookspecs import hookimpl
 from mammo_dissect.core.images import ImagePreprocess
 from mammo_dissect.core.types import LoadedTarget
 from mammo_dissect.core.types import Options
+from mammo_dissect.core.types import TargetDescription
 from mammo_dissect.core.types import TargetLoader
 from mammo_dissect.plugins.targets.local_weights import build_with_local_weights
+from mammo_dissect.plugins.targets.local_weights import described_target
+from mammo_dissect.plugins.targets.local_weights import local_weights_path
+from mammo_dissect.plugins.targets.local_weights import model_spec
 from mammo_dissect.plugins.targets.local_weights import named_loaded_target
 
 
@@ -49,13 +55,17 @@ class TorchvisionLoader(TargetLoader):
     description = "torchvision classification models by name, weights from a local file (never downloaded)"
     Options = TorchvisionOptions
 
+    def describe(self, options: Options, file_sha256: Callable[[Path], str]) -> TargetDescription:
+        assert isinstance(options, TorchvisionOptions)
+        check_model_name(options.model)
+        weights_path = local_weights_path(options, "torchvision")
+        return described_target(torchvision_preprocess(options), model_spec(options), weights_path, file_sha256)
+
     def load(self, options: Options) -> LoadedTarget:
         assert isinstance(options, TorchvisionOptions)
         import torchvision
 
-        known = torchvision.models.list_models(module=torchvision.models)
-        if options.model not in known:
-            raise UnknownNameError("torchvision classification model", options.model, known)
+        check_model_name(options.model)
         kwargs: dict[str, Any] = {}
         if options.num_classes is not None:
             kwargs["num_classes"] = options.num_classes
@@ -63,19 +73,32 @@ class TorchvisionLoader(TargetLoader):
         model, weights_path, sha = build_with_local_weights(
             options, "torchvision", lambda: torchvision.models.get_model(options.model, weights=None, **kwargs)
         )
-        size, mean, std = published_transform(options.model)
-        if options.input_size is not None:
-            size = (int(options.input_size[0]), int(options.input_size[1]))
-        preprocess = ImagePreprocess(
-            size=size,
-            mean=mean,
-            std=std,
-            channels=3,
-            interpolation="bilinear",
-            source=f"torchvision {options.model}: crop size, mean and std of its published weights; whole image resized, no centre crop",
-        )
         logger.info("loaded torchvision %s from %s", options.model, weights_path or "random init")
-        return named_loaded_target(model, preprocess, options, weights_path, sha)
+        return named_loaded_target(model, torchvision_preprocess(options), options, weights_path, sha)
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`UnknownNameError` unless ``name`` is a torchvision classification model."""
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise UnknownNameError("torchvision classification model", name, known)
+
+
+def torchvision_preprocess(options: TorchvisionOptions) -> ImagePreprocess:
+    """Return the preprocessing of the architecture's published weights, with the options' input size."""
+    size, mean, std = published_transform(options.model)
+    if options.input_size is not None:
+        size = (int(options.input_size[0]), int(options.input_size[1]))
+    return ImagePreprocess(
+        size=size,
+        mean=mean,
+        std=std,
+        channels=3,
+        interpolation="bilinear",
+        source=f"torchvision {options.model}: crop size, mean and std of its published weights; whole image resized, no centre crop",
+    )
 
 
 def published_transform(name: str) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
