@@ -25,6 +25,7 @@ from mammo_dissect.core.errors import PluginError
 from mammo_dissect.core.extraction import LayerActivations
 from mammo_dissect.core.extraction import ResolvedLayer
 from mammo_dissect.core.extraction import extract_activations
+from mammo_dissect.core.extraction import forward_in_batches
 from mammo_dissect.core.extraction import resolve_layers
 from mammo_dissect.core.types import validate_options
 
@@ -229,7 +230,6 @@ def collect_activation_maps(
     on each side.  The maps are cached like activations, keyed by the
     layer's activation key and the top-image indices.
     """
-    import torch
     import torch.nn.functional as functional
 
     size = plan.config.activation_map_size
@@ -278,29 +278,16 @@ def collect_activation_maps(
 
         handles.append(modules[activations.layer.name].register_forward_hook(hook))
     model = plan.target.model.to(plan.runtime.device).eval()
-    device_type = torch.device(plan.runtime.device).type
     try:
-        batch_size = plan.runtime.batch_size
-        start = 0
-        with torch.inference_mode():
-            while start < len(images):
-                chunk = images[start : start + batch_size]
-                batch = torch.stack([plan.target.preprocess(plan.probe_set.read(index)) for index in chunk])
-                try:
-                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=plan.runtime.precision == "bfloat16"):
-                        model(batch.to(plan.runtime.device))
-                except (RuntimeError, MemoryError) as exc:
-                    if "out of memory" not in str(exc).lower() or batch_size == 1:
-                        raise
-                    batch_size = max(1, batch_size // 2)
-                    logger.warning("out of memory in the activation-map pass; retrying with batch size %d", batch_size)
-                    continue
-                start += len(chunk)
-                for layer_id, _ in missing:
-                    pooled = outputs[layer_id].numpy()
-                    for position, image in enumerate(chunk):
-                        units, ranks = np.nonzero(top[layer_id] == image)
-                        maps[layer_id][units, ranks] = pooled[position, units]
+        batches = forward_in_batches(
+            model, plan.target.preprocess, plan.probe_set, images, plan.runtime, "activation-map pass"
+        )
+        for chunk in batches:
+            for layer_id, _ in missing:
+                pooled = outputs[layer_id].numpy()
+                for position, image in enumerate(chunk):
+                    units, ranks = np.nonzero(top[layer_id] == image)
+                    maps[layer_id][units, ranks] = pooled[position, units]
     finally:
         for handle in handles:
             handle.remove()

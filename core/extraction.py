@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,38 @@ def is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def forward_in_batches(
+    model: Any, preprocess: Any, probe_set: ProbeSet, indices: Sequence[int], runtime: Runtime, description: str
+) -> Iterator[list[int]]:
+    """Run ``model`` on probe images ``indices`` batch by batch and yield each batch's indices after its forward pass.
+
+    The caller collects the outputs with forward hooks and must read them before it resumes the generator.
+    Inference mode stays on while the generator is suspended.  A batch that runs out of memory runs again
+    with half the batch size, down to one image, where the error propagates.  ``description`` names the
+    pass in the warning logged on each retry.
+    """
+    import torch
+
+    device_type = torch.device(runtime.device).type
+    batch_size = runtime.batch_size
+    start = 0
+    with torch.inference_mode():
+        while start < len(indices):
+            chunk = list(indices[start : start + batch_size])
+            batch = torch.stack([preprocess(probe_set.read(index)) for index in chunk])
+            try:
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=runtime.precision == "bfloat16"):
+                    model(batch.to(runtime.device))
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc) or batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                logger.warning("out of memory in the %s; retrying with batch size %d", description, batch_size)
+                continue
+            yield chunk
+            start += len(chunk)
 
 
 def _read_progress(out_dir: Path, n_images: int, layers: Sequence[ResolvedLayer]) -> dict[str, Any] | None:

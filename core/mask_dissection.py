@@ -43,6 +43,7 @@ from mammo_dissect.core.errors import ProbeSetError
 from mammo_dissect.core.errors import StoreError
 from mammo_dissect.core.extraction import NonFiniteActivationError
 from mammo_dissect.core.extraction import ResolvedLayer
+from mammo_dissect.core.extraction import forward_in_batches
 from mammo_dissect.core.masks import label_mask
 from mammo_dissect.plugins.probe_sets.ddsm_seg66 import TISSUE_CONCEPTS
 
@@ -245,36 +246,19 @@ def layer_outputs(
             outputs[_id] = first.detach().float()
 
         handles.append(layer.resolved.module.register_forward_hook(hook))
-    device = plan.runtime.device
-    model = plan.target.model.to(device).eval()
-    device_type = torch.device(device).type
-    batch_size = plan.runtime.batch_size
+    model = plan.target.model.to(plan.runtime.device).eval()
     bar = tqdm(total=len(indices), desc=description, unit="image", disable=not plan.runtime.progress)
     try:
-        start = 0
-        with torch.inference_mode():
-            while start < len(indices):
-                chunk = indices[start : start + batch_size]
-                batch = torch.stack([plan.target.preprocess(plan.probe_set.read(index)) for index in chunk])
-                try:
-                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=plan.runtime.precision == "bfloat16"):
-                        model(batch.to(device))
-                except (RuntimeError, MemoryError) as exc:
-                    if "out of memory" not in str(exc).lower() or batch_size == 1:
-                        raise
-                    batch_size = max(1, batch_size // 2)
-                    logger.warning("out of memory in the %s; retrying with batch size %d", description, batch_size)
-                    continue
-                for layer in layers:
-                    if not bool(torch.isfinite(outputs[layer.layer_id]).all()):
-                        ids = ", ".join(plan.probe_set.images[index].image_id for index in chunk)
-                        raise NonFiniteActivationError(
-                            f"layer {layer.name!r} has NaN or Inf activations on one of the images {ids}, which the "
-                            f"run did not drop; check the images and the model weights"
-                        )
-                yield chunk, outputs
-                start += len(chunk)
-                bar.update(len(chunk))
+        for chunk in forward_in_batches(model, plan.target.preprocess, plan.probe_set, indices, plan.runtime, description):
+            for layer in layers:
+                if not bool(torch.isfinite(outputs[layer.layer_id]).all()):
+                    ids = ", ".join(plan.probe_set.images[index].image_id for index in chunk)
+                    raise NonFiniteActivationError(
+                        f"layer {layer.name!r} has NaN or Inf activations on one of the images {ids}, which the "
+                        f"run did not drop; check the images and the model weights"
+                    )
+            yield chunk, outputs
+            bar.update(len(chunk))
     finally:
         bar.close()
         for handle in handles:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -91,3 +92,66 @@ def test_hooked_output_survives_inplace_relu(tiny_config, tiny_registry):
         direct = plan.target.model.features[0](image).mean(dim=(2, 3))[0]
     assert torch.allclose(torch.from_numpy(stored.load()[3].copy()), direct, atol=1e-6)
     assert bool((direct < 0).any()), "the check needs negative values that the in-place ReLU would zero"
+
+
+class FakeProbe:
+    """Probe images that are constant 2 x 2 arrays, read by index."""
+
+    def read(self, index: int) -> np.ndarray:
+        return np.full((2, 2), float(index), dtype=np.float32)
+
+
+def limited_model(limit: int, seen: list[int]):
+    """Return a model that raises PyTorch's out-of-memory error on batches larger than ``limit``."""
+    import torch
+
+    def model(batch):
+        seen.append(batch.shape[0])
+        if batch.shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return batch
+
+    return model
+
+
+def test_forward_in_batches_halves_on_oom(caplog):
+    import torch
+
+    from mammo_dissect.core.extraction import forward_in_batches
+    from mammo_dissect.core.types import Runtime
+
+    seen: list[int] = []
+    batches = list(
+        forward_in_batches(limited_model(2, seen), torch.from_numpy, FakeProbe(), list(range(7)),
+                           Runtime(batch_size=7), "activation-map pass")
+    )
+    assert seen == [7, 3, 1, 1, 1, 1, 1, 1, 1]
+    assert [index for batch in batches for index in batch] == list(range(7))
+    assert "out of memory in the activation-map pass; retrying with batch size 3" in caplog.text
+
+
+def test_forward_in_batches_raises_at_one_image():
+    import torch
+
+    from mammo_dissect.core.extraction import forward_in_batches
+    from mammo_dissect.core.types import Runtime
+
+    with pytest.raises(torch.OutOfMemoryError):
+        list(forward_in_batches(limited_model(0, []), torch.from_numpy, FakeProbe(), [0, 1], Runtime(batch_size=2), "x"))
+
+
+def test_forward_in_batches_passes_other_errors():
+    import torch
+
+    from mammo_dissect.core.extraction import forward_in_batches
+    from mammo_dissect.core.types import Runtime
+
+    seen: list[int] = []
+
+    def broken(batch):
+        seen.append(batch.shape[0])
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        list(forward_in_batches(broken, torch.from_numpy, FakeProbe(), [0, 1, 2, 3], Runtime(batch_size=4), "x"))
+    assert seen == [4]
