@@ -55,6 +55,7 @@ from pydantic import model_validator
 from mammo_dissect.core.alignment_data import SourceSamples
 from mammo_dissect.core.cache import write_json_atomic
 from mammo_dissect.core.check_dissector import auroc
+from mammo_dissect.core.config import listed_once
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.types import Options
 from mammo_dissect.core.types import validate_options
@@ -168,10 +169,7 @@ class TrainingConfig(Options):
     @field_validator("leave_out")
     @classmethod
     def _no_duplicate_leave_out(cls, names: list[str]) -> list[str]:
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"concepts listed more than once: {', '.join(duplicates)}")
-        return names
+        return listed_once(names, "concepts")
 
 
 class AlignmentConfig(Options):

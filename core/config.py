@@ -24,6 +24,14 @@ from mammo_dissect.core.types import format_validation_error
 DEFAULT_CACHE_DIR = Path("~/.cache/mammo-dissect")
 
 
+def listed_once(values: list[str], what: str) -> list[str]:
+    """Return ``values``, or raise ValueError (for pydantic validators) naming the ones listed twice."""
+    duplicates = sorted({value for value in values if values.count(value) > 1})
+    if duplicates:
+        raise ValueError(f"{what} listed more than once: {', '.join(duplicates)}")
+    return values
+
+
 class Section(BaseModel):
     """Base of every configuration section: unknown keys are errors."""
 
@@ -56,10 +64,7 @@ class TargetConfig(Section):
     @field_validator("layers")
     @classmethod
     def _no_duplicate_layers(cls, layers: list[str]) -> list[str]:
-        duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
-        if duplicates:
-            raise ValueError(f"layers listed more than once: {', '.join(duplicates)}")
-        return layers
+        return listed_once(layers, "layers")
 
 
 class SimilarityConfig(Section):

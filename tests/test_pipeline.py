@@ -332,3 +332,12 @@ def test_activation_maps_stored_for_top_images(tiny_config, tiny_registry):
 def test_no_activation_maps_when_disabled(tiny_config, tiny_registry):
     outcome = run_tiny(dict(tiny_config, activation_map_size=0), tiny_registry)
     assert rows(outcome.database, "SELECT count(*) FROM unit_activation_maps") == [(0,)]
+
+
+def test_run_config_rejects_duplicate_layers(tiny_config):
+    from mammo_dissect.core.config import load_config
+    from mammo_dissect.core.errors import ConfigError
+
+    tiny_config["target"]["layers"] = ["head", "features.0", "head"]
+    with pytest.raises(ConfigError, match="layers listed more than once: head"):
+        load_config(None, data=tiny_config)
