@@ -27,6 +27,7 @@ from mammo_dissect.core.extraction import ResolvedLayer
 from mammo_dissect.core.extraction import extract_activations
 from mammo_dissect.core.extraction import forward_in_batches
 from mammo_dissect.core.extraction import resolve_layers
+from mammo_dissect.core.fingerprint import image_order
 from mammo_dissect.core.types import validate_options
 
 
@@ -148,6 +149,8 @@ def activation_key_parts(plan: Plan) -> dict[str, Any]:
         "pooling": plan.config.target.pooling,
         "precision": plan.config.precision,
         "probe_fingerprint": plan.probe_fingerprint,
+        # Rows follow the probe set's order, which the order-free fingerprint does not capture.
+        "image_order": image_order(plan.probe_set),
         "probe_decoding": plan.probe_set.decoding,
     }
 

@@ -56,6 +56,15 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def meta_checksum(meta: dict[str, Any]) -> str:
+    """Return the SHA-256 of an entry's metadata without its own ``meta_sha256`` field, in canonical JSON.
+
+    Metadata carries results too (a layer's null statistics), so it is checked like the array.
+    """
+    fields = {key: value for key, value in meta.items() if key != "meta_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
 @dataclass
 class CacheEntry:
     """One cached array as listed by ``mammo-dissect cache ls``."""
@@ -129,6 +138,8 @@ class ArrayCache:
             return f"cache format {meta.get('cache_format')} instead of {CACHE_FORMAT_VERSION}"
         if array_path.stat().st_size != meta.get("size_bytes"):
             return f"size {array_path.stat().st_size} bytes instead of {meta.get('size_bytes')}"
+        if meta.get("meta_sha256") != meta_checksum(meta):
+            return "metadata checksum mismatch"
         if sha256_file(array_path) != meta.get("sha256"):
             return "checksum mismatch"
         return ""
@@ -148,6 +159,7 @@ class ArrayCache:
                 "sha256": sha256_file(staging / ARRAY_FILE),
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             }
+            record["meta_sha256"] = meta_checksum(record)
             write_json_atomic(staging / META_FILE, record)
             if final.exists():
                 shutil.rmtree(final)

@@ -21,6 +21,7 @@ from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import MammoDissectError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.errors import ProbeSetError
+from mammo_dissect.core.fingerprint import image_order
 from mammo_dissect.core.types import LoadedDissector
 from mammo_dissect.core.types import ProbeSet
 from mammo_dissect.core.types import Runtime
@@ -108,7 +109,11 @@ def embed_and_compare(
         preprocessing = loaded.preprocess.describe() if hasattr(loaded.preprocess, "describe") else repr(loaded.preprocess)
         images = _cached(
             runtime, cache_parts, "image_embeddings",
-            {"probe_fingerprint": runtime.probe_fingerprint, "preprocessing": preprocessing},
+            {
+                "probe_fingerprint": runtime.probe_fingerprint,
+                "image_order": image_order(probe_set),
+                "preprocessing": preprocessing,
+            },
             f"image embeddings of {loaded.spec}",
             lambda: encode_probe_images(loaded, probe_set, runtime, text_dim=texts.shape[1]),
         )

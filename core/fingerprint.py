@@ -3,7 +3,9 @@
 Two probe sets have the same fingerprint exactly when they hold the same
 image ids with byte-identical files and declare the same preprocessing, so
 a change of any image, of the image list or of a preprocessing step forces
-a recomputation.  The order of the images does not matter.
+a recomputation.  The order of the images does not matter to the fingerprint.
+Arrays with one row per image (activations, image embeddings) also depend on
+the order, so their cache keys add :func:`image_order`.
 """
 
 from __future__ import annotations
@@ -41,3 +43,30 @@ def probe_fingerprint(probe_set: Any, file_hashes: dict[str, str] | None = None)
     payload = fingerprint_payload(probe_set, file_hashes)
     encoded = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(encoded).hexdigest()
+
+
+def image_order(probe_set: Any) -> str:
+    """Return the SHA-256 of the probe set's image ids in their order, for keys of per-image arrays."""
+    ids = [image.image_id for image in probe_set.images]
+    return hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def check_image_order(current: list[str], stored: list[str], root: Any, next_step: str) -> None:
+    """Raise :class:`ProbeSetError` when the probe images of a stored run now come in another order.
+
+    Stored unit results refer to images by position, so activations extracted
+    again in a different order would not line up with them.
+    """
+    from mammo_dissect.core.errors import ProbeSetError
+
+    if current == stored:
+        return
+    first = next(
+        (position for position, (now, then) in enumerate(zip(current, stored, strict=False)) if now != then),
+        min(len(current), len(stored)),
+    )
+    raise ProbeSetError(
+        f"the probe images at {root} are listed in another order than in the run (position {first}: "
+        f"{current[first] if first < len(current) else 'nothing'} instead of "
+        f"{stored[first] if first < len(stored) else 'nothing'}); restore the manifest's order, or {next_step}"
+    )

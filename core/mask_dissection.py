@@ -44,6 +44,7 @@ from mammo_dissect.core.errors import StoreError
 from mammo_dissect.core.extraction import NonFiniteActivationError
 from mammo_dissect.core.extraction import ResolvedLayer
 from mammo_dissect.core.extraction import forward_in_batches
+from mammo_dissect.core.fingerprint import check_image_order
 from mammo_dissect.core.masks import label_mask
 from mammo_dissect.plugins.probe_sets.ddsm_seg66 import TISSUE_CONCEPTS
 
@@ -383,7 +384,13 @@ def layer_summary(layer: SpatialLayer, iou: np.ndarray, texts: list[str], quanti
     }
 
 
-def _prepare_run(config: dict[str, Any], fingerprint: str | None, registry: Registry | None, progress: bool) -> Plan:
+def _prepare_run(
+    config: dict[str, Any],
+    fingerprint: str | None,
+    registry: Registry | None,
+    progress: bool,
+    image_ids: list[str] | None = None,
+) -> Plan:
     from mammo_dissect.core.config import load_config
     from mammo_dissect.core.pipeline import prepare
 
@@ -393,6 +400,11 @@ def _prepare_run(config: dict[str, Any], fingerprint: str | None, registry: Regi
             f"the probe images at {plan.probe_set.root} changed since the run (fingerprint "
             f"{plan.probe_fingerprint[:12]} instead of {fingerprint[:12]}); restore them, or run the "
             f"dissection again and score the new run"
+        )
+    if image_ids is not None:
+        check_image_order(
+            [image.image_id for image in plan.probe_set.images], image_ids, plan.probe_set.root,
+            "run the dissection again and score the new run",
         )
     return plan
 
@@ -439,7 +451,10 @@ def mask_iou_run(
         _, stored = store.query(
             "SELECT layer_id, name, n_units, output_shape FROM layers WHERE run_id = ? ORDER BY layer_id", [run_id]
         )
-    plan = _prepare_run(run["config"], run.get("probe_fingerprint"), registry, progress)
+        _, id_rows = store.query("SELECT image_id FROM probe_images WHERE run_id = ? ORDER BY image_index", [run_id])
+    plan = _prepare_run(
+        run["config"], run.get("probe_fingerprint"), registry, progress, [image_id for (image_id,) in id_rows]
+    )
     check_masks(plan)
     layers = spatial_layers(plan, [(int(a), str(b), int(c), list(d) if d is not None else None) for a, b, c, d in stored])
     dropped = set((run.get("extra") or {}).get("dropped_images") or [])

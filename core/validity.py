@@ -29,6 +29,7 @@ from mammo_dissect.core.concepts import clean_text
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import ProbeSetError
 from mammo_dissect.core.errors import StoreError
+from mammo_dissect.core.fingerprint import check_image_order
 
 
 if TYPE_CHECKING:
@@ -184,13 +185,18 @@ def write_rows(store: Store, run_id: str, tables: dict[str, pa.Table], delete: d
 
 
 def run_activations(
-    config: dict[str, Any], probe_fingerprint: str | None, registry: Registry | None = None, progress: bool = False
+    config: dict[str, Any],
+    probe_fingerprint: str | None,
+    registry: Registry | None = None,
+    progress: bool = False,
+    image_ids: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Return a stored run's pooled activations by layer name, from the cache or by extracting them again.
 
     The stored resolved configuration is prepared again, which gives the same
     activation cache keys as the run had.  Raises :class:`ProbeSetError`
-    when the probe images changed since the run.
+    when the probe images changed since the run, or when ``image_ids`` (the
+    run's images in stored order) differ from the probe set's current order.
     """
     from mammo_dissect.core.activations import cached_activations
     from mammo_dissect.core.config import load_config
@@ -202,6 +208,11 @@ def run_activations(
             f"the probe images at {plan.probe_set.root} changed since the run (fingerprint "
             f"{plan.probe_fingerprint[:12]} instead of {probe_fingerprint[:12]}); restore them, or run the "
             f"dissection again and validate the new run"
+        )
+    if image_ids is not None:
+        check_image_order(
+            [image.image_id for image in plan.probe_set.images], image_ids, plan.probe_set.root,
+            "run the dissection again and validate the new run",
         )
     return {item.layer.name: np.asarray(item.load()) for item in cached_activations(plan)}
 
@@ -263,7 +274,12 @@ def validate_run(
             "SELECT layer_id, name, n_units FROM layers WHERE run_id = ? ORDER BY layer_id", [run_id]
         )
         if activations is None:
-            activations = run_activations(run["config"], run.get("probe_fingerprint"), registry, progress)
+            _, id_rows = store.query(
+                "SELECT image_id FROM probe_images WHERE run_id = ? ORDER BY image_index", [run_id]
+            )
+            activations = run_activations(
+                run["config"], run.get("probe_fingerprint"), registry, progress, [image_id for (image_id,) in id_rows]
+            )
         results: list[LayerValidity] = []
         parts: list[pa.Table] = []
         for layer_id, name, n_units in layers:

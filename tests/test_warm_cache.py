@@ -135,6 +135,18 @@ def test_corrupt_score_entry_rescored(tiny_config, tiny_registry, tmp_path, coun
     assert table_contents(warm.database, warm.run_id) == table_contents(cold.database, cold.run_id)
 
 
+def test_edited_score_metadata_rescored(tiny_config, tiny_registry, tmp_path, count_scoring, caplog):
+    cold = run_config(with_paths(tiny_config, tmp_path, "cold"), tiny_registry)
+    meta_path = next((tmp_path / "cache" / "scores").iterdir()) / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["null_stats"]["null_p95"] = 123.0  # valid JSON, wrong result
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    warm = run_config(with_paths(tiny_config, tmp_path, "warm"), tiny_registry)
+    assert len(count_scoring) == 4
+    assert "metadata checksum mismatch" in caplog.text
+    assert table_contents(warm.database, warm.run_id) == table_contents(cold.database, cold.run_id)
+
+
 # ---------------------------------------------------------------- every relevant parameter misses
 
 
@@ -380,3 +392,47 @@ def test_arrow_columns_match_pyarrow():
         arrow_columns.strings(["a", 3])
     with pytest.raises(ValueError, match="cannot convert"):
         arrow_columns.numbers(["a"], np.int32)
+
+
+def write_manifest(path: Path, names: list[str], labels: dict[str, list[str]]) -> None:
+    rows = ["image,tone"] + [f"{name},{labels[name][0]}" for name in names]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def test_reordered_manifest_misses_cache(tiny_config, tiny_registry, tmp_path, synthetic_probe, count_model_builds):
+    labels = json.loads((synthetic_probe / "labels.json").read_text(encoding="utf-8"))
+    names = sorted(labels)
+    manifest = tmp_path / "manifest.csv"
+    config = copy.deepcopy(tiny_config)
+    config["probe_set"] = {
+        "name": "csv",
+        "options": {"root": str(synthetic_probe), "csv": str(manifest), "image_column": "image",
+                    "annotations": {"tone": {"bright": "bright", "dark": "dark"}}},
+    }
+    write_manifest(manifest, names, labels)
+    run_config(with_paths(config, tmp_path, "first"), tiny_registry)
+    # The same images and files, listed in reverse order in the same manifest file.
+    write_manifest(manifest, names[::-1], labels)
+    warm = run_config(with_paths(config, tmp_path, "warm"), tiny_registry)
+    assert len(count_model_builds) == 2, "reordered images must not reuse activations in the old order"
+    cold = run_config(with_paths(config, tmp_path, "cold", cache="fresh-cache"), tiny_registry)
+    assert table_contents(warm.database, warm.run_id) == table_contents(cold.database, cold.run_id)
+
+
+def test_image_order_key_and_check():
+    from types import SimpleNamespace
+
+    from mammo_dissect.core.errors import ProbeSetError
+    from mammo_dissect.core.fingerprint import check_image_order
+    from mammo_dissect.core.fingerprint import image_order
+
+    def probe(ids):
+        return SimpleNamespace(images=[SimpleNamespace(image_id=name) for name in ids])
+
+    assert image_order(probe(["a", "b"])) != image_order(probe(["b", "a"]))
+    assert image_order(probe(["a", "b"])) == image_order(probe(["a", "b"]))
+    check_image_order(["a", "b"], ["a", "b"], "/data", "run again")
+    with pytest.raises(ProbeSetError, match="another order than in the run \\(position 0: b instead of a\\)"):
+        check_image_order(["b", "a"], ["a", "b"], "/data", "run again")
+    with pytest.raises(ProbeSetError, match="position 2: nothing instead of c"):
+        check_image_order(["a", "b"], ["a", "b", "c"], "/data", "run again")
