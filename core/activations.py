@@ -9,9 +9,11 @@ second forward pass for the spatial maps of each unit's top images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
@@ -195,18 +197,45 @@ def cached_activations(plan: Plan) -> list[LayerActivations]:
         if hit is None:
             missing.append(layer)
             continue
-        array, meta = hit
-        found[layer.name] = LayerActivations(
-            layer=layer, path=plan.cache.entry_dir("activations", keys[layer.name]) / "array.npy",
-            output_shape=list(meta.get("output_shape", [])),
-        )
-    if missing:
-        group = cache_key({"layers": sorted(keys[layer.name] for layer in missing)})
-        partial = plan.cache.root / "partial" / group
-        if plan.cache.recompute and partial.exists():
-            shutil.rmtree(partial)
-        extracted = run_executor(plan, missing, partial)
-        for activations in extracted:
+        found[layer.name] = cached_layer(plan, layer, keys[layer.name], hit[1])
+    if not missing:
+        return [found[layer.name] for layer in plan.layers]
+    group = cache_key({"layers": sorted(keys[layer.name] for layer in missing)})
+    partial = plan.cache.root / "partial" / group
+    with exclusive_lock(partial.with_name(f"{group}.lock")):
+        # Another run on the same cache may have stored these layers while this one waited.
+        waited = missing
+        missing = []
+        for layer in waited:
+            hit = None if plan.cache.recompute else plan.cache.load(
+                "activations", keys[layer.name], f"activations of layer {layer.name}"
+            )
+            if hit is None:
+                missing.append(layer)
+            else:
+                found[layer.name] = cached_layer(plan, layer, keys[layer.name], hit[1])
+        if missing:
+            found.update(extract_into_cache(plan, missing, keys, partial))
+    return [found[layer.name] for layer in plan.layers]
+
+
+def cached_layer(plan: Plan, layer: ResolvedLayer, key: str, meta: dict[str, Any]) -> LayerActivations:
+    """Return the activations of ``layer`` stored in the cache entry ``key`` with metadata ``meta``."""
+    return LayerActivations(
+        layer=layer, path=plan.cache.entry_dir("activations", key) / "array.npy",
+        output_shape=list(meta.get("output_shape", [])),
+    )
+
+
+def extract_into_cache(
+    plan: Plan, missing: list[ResolvedLayer], keys: dict[str, str], partial: Path
+) -> dict[str, LayerActivations]:
+    """Extract ``missing`` layers into ``partial`` with the configured executor and move them into the cache."""
+    found = {}
+    if plan.cache.recompute and partial.exists():
+        shutil.rmtree(partial)
+    extracted = run_executor(plan, missing, partial)
+    for activations in extracted:
             name = activations.layer.name
             path = plan.cache.store_file(
                 "activations",
@@ -219,8 +248,34 @@ def cached_activations(plan: Plan) -> list[LayerActivations]:
                 },
             )
             found[name] = LayerActivations(layer=activations.layer, path=path, output_shape=activations.output_shape)
-        shutil.rmtree(partial, ignore_errors=True)
-    return [found[layer.name] for layer in plan.layers]
+    shutil.rmtree(partial, ignore_errors=True)
+    return found
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created when missing), waiting while another process holds it.
+
+    Runs that share a cache folder extract the same layers one after the
+    other instead of writing into one partial folder at once.  Where
+    ``fcntl`` is missing (Windows), no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another run is extracting the same layers into %s; waiting for it", path.parent)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def collect_activation_maps(

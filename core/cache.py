@@ -163,7 +163,14 @@ class ArrayCache:
             write_json_atomic(staging / META_FILE, record)
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(staging, final)
+            try:
+                os.replace(staging, final)
+            except OSError:
+                # Another run stored the same key between the two calls; keys are content
+                # addresses, so its entry holds the same array and is kept.
+                if not (final / ARRAY_FILE).is_file():
+                    raise
+                logger.info("cache entry %s was stored by another run meanwhile; keeping it", final)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

@@ -436,3 +436,56 @@ def test_image_order_key_and_check():
         check_image_order(["b", "a"], ["a", "b"], "/data", "run again")
     with pytest.raises(ProbeSetError, match="position 2: nothing instead of c"):
         check_image_order(["a", "b"], ["a", "b", "c"], "/data", "run again")
+
+
+def test_extraction_lock_is_exclusive(tmp_path):
+    import fcntl
+
+    from mammo_dissect.core.activations import exclusive_lock
+
+    lock = tmp_path / "partial" / "group.lock"
+    with exclusive_lock(lock), lock.open("a+b") as other:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with lock.open("a+b") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again after the block
+
+
+def test_run_reuses_layers_stored_while_waiting(tiny_config, tiny_registry, tmp_path, monkeypatch):
+    import contextlib
+
+    from mammo_dissect.core import activations
+
+    extractions = []
+    original_extract = activations.extract_into_cache
+    original_lock = activations.exclusive_lock
+
+    def counting(plan, missing, keys, partial):
+        extractions.append([layer.name for layer in missing])
+        return original_extract(plan, missing, keys, partial)
+
+    @contextlib.contextmanager
+    def other_run_finishes_first(path):
+        # While this run waits for the lock, another run on the same cache extracts every layer.
+        monkeypatch.setattr(activations, "exclusive_lock", original_lock)
+        run_config(with_paths(tiny_config, tmp_path, "other"), tiny_registry)
+        with original_lock(path):
+            yield
+
+    monkeypatch.setattr(activations, "extract_into_cache", counting)
+    monkeypatch.setattr(activations, "exclusive_lock", other_run_finishes_first)
+    waiting = run_config(with_paths(tiny_config, tmp_path, "waiting"), tiny_registry)
+    assert len(extractions) == 1, "the waiting run must reuse the layers the other run stored"
+    cold = run_config(with_paths(tiny_config, tmp_path, "cold", cache="fresh-cache"), tiny_registry)
+    assert table_contents(waiting.database, waiting.run_id) == table_contents(cold.database, cold.run_id)
+
+
+def test_concurrent_cold_runs_share_cache(tiny_config, tiny_registry, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    configs = [with_paths(tiny_config, tmp_path, f"parallel{index}") for index in range(3)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda config: run_config(config, tiny_registry), configs))
+    first = table_contents(results[0].database, results[0].run_id)
+    for result in results[1:]:
+        assert table_contents(result.database, result.run_id) == first

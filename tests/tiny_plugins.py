@@ -7,6 +7,7 @@ plugins, which also exercises the plugin contract.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +27,26 @@ from mammo_dissect.core.types import TargetLoader
 SYNTHETIC_CONCEPTS = ["bright", "dark", "striped", "plain"]
 
 
+BUILD_LOCK = threading.Lock()
+
+
 def build_tiny_cnn(seed: int = 0) -> Any:
     """A 1-channel CNN: conv, in-place ReLU, conv, ReLU, pool, linear head (3 outputs)."""
     import torch
     from torch import nn
 
-    torch.manual_seed(seed)
-    model = nn.Module()
-    model.features = nn.Sequential(
-        nn.Conv2d(1, 4, kernel_size=3, padding=1),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(4, 6, kernel_size=3, padding=1),
-        nn.ReLU(inplace=True),
-    )
-    model.pool = nn.AdaptiveAvgPool2d(1)
-    model.head = nn.Linear(6, 3)
+    # The lock keeps the seeded global generator to one builder, so runs in threads get the same weights.
+    with BUILD_LOCK:
+        torch.manual_seed(seed)
+        model = nn.Module()
+        model.features = nn.Sequential(
+            nn.Conv2d(1, 4, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(4, 6, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        model.pool = nn.AdaptiveAvgPool2d(1)
+        model.head = nn.Linear(6, 3)
 
     def forward(x: Any) -> Any:
         return model.head(model.pool(model.features(x)).flatten(1))
