@@ -30,6 +30,7 @@ from mammo_dissect.core.extraction import extract_activations
 from mammo_dissect.core.extraction import forward_in_batches
 from mammo_dissect.core.extraction import resolve_layers
 from mammo_dissect.core.fingerprint import image_order
+from mammo_dissect.core.preprocessing import describe_preprocess
 from mammo_dissect.core.types import validate_options
 
 
@@ -41,8 +42,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 class UnbuiltModel:
-    """Stands in for a target model that was not built because every layer it is needed for is cached.
+    """Placeholder for a target model that was not built because every layer it is needed for is cached.
 
     :func:`ensure_target` builds the real model; any use of this object before that is a bug.
     """
@@ -85,10 +87,6 @@ def cached_layer_depths(plan: Plan) -> dict[str, int] | None:
     return depths
 
 
-def _describe_preprocess(preprocess: Any) -> Any:
-    return preprocess.describe() if hasattr(preprocess, "describe") else repr(preprocess)
-
-
 def ensure_target(plan: Plan) -> None:
     """Build the target model of a plan prepared with ``lazy_target``, if it was not built yet.
 
@@ -105,14 +103,14 @@ def ensure_target(plan: Plan) -> None:
         "spec": plan.target.spec,
         "weights_path": plan.target.weights_path,
         "weights_sha256": plan.target.weights_sha256,
-        "preprocessing": _describe_preprocess(plan.target.preprocess),
+        "preprocessing": describe_preprocess(plan.target.preprocess),
         "token_layout": plan.target.token_layout,
     }
     loaded = {
         "spec": target.spec,
         "weights_path": target.weights_path,
         "weights_sha256": target.weights_sha256,
-        "preprocessing": _describe_preprocess(target.preprocess),
+        "preprocessing": describe_preprocess(target.preprocess),
         "token_layout": target.token_layout,
     }
     for field_name, value in described.items():
@@ -139,14 +137,13 @@ def activation_key_parts(plan: Plan) -> dict[str, Any]:
     options = plan.plugin_options["target"].model_dump(mode="json")
     # The weights file's hash identifies the weights; its path does not.
     options.pop("weights", None)
-    preprocess = plan.target.preprocess
     return {
         "kind": "activations",
         "target_loader": plan.config.target.loader,
         "target_options": options,
         "target_spec": plan.target.spec,
         "weights_sha256": plan.target.weights_sha256,
-        "preprocessing": preprocess.describe() if hasattr(preprocess, "describe") else repr(preprocess),
+        "preprocessing": describe_preprocess(plan.target.preprocess),
         "token_layout": plan.target.token_layout,
         "pooling": plan.config.target.pooling,
         "precision": plan.config.precision,
@@ -178,9 +175,9 @@ def run_executor(plan: Plan, layers: list[ResolvedLayer], out_dir: Path) -> list
 def cached_activations(plan: Plan) -> list[LayerActivations]:
     """Return every layer's pooled activations, from the cache or from one forward pass.
 
-    Layers found in the cache are reused; the others are extracted together
-    into a partial folder (resumable after a crash) and then moved into the
-    cache.
+    Layers found in the cache are reused.  The others are extracted together
+    into a partial folder, which a run resumes after a crash, and then moved
+    into the cache.
     """
     base = activation_key_parts(plan)
     keys = {layer.name: cache_key({**base, "layer": layer.name}) for layer in plan.layers}
@@ -189,6 +186,7 @@ def cached_activations(plan: Plan) -> list[LayerActivations]:
         for layer in plan.layers
     }
     if any(hit is None for hit in hits.values()):
+        # Building the model replaces plan.layers by the layers of the built model.
         ensure_target(plan)
     found: dict[str, LayerActivations] = {}
     missing = []
@@ -196,31 +194,38 @@ def cached_activations(plan: Plan) -> list[LayerActivations]:
         hit = hits[layer.name]
         if hit is None:
             missing.append(layer)
-            continue
-        found[layer.name] = cached_layer(plan, layer, keys[layer.name], hit[1])
-    if not missing:
-        return [found[layer.name] for layer in plan.layers]
-    group = cache_key({"layers": sorted(keys[layer.name] for layer in missing)})
-    partial = plan.cache.root / "partial" / group
-    with exclusive_lock(partial.with_name(f"{group}.lock")):
-        # Another run on the same cache may have stored these layers while this one waited.
-        waited = missing
-        missing = []
-        for layer in waited:
-            hit = None if plan.cache.recompute else plan.cache.load(
-                "activations", keys[layer.name], f"activations of layer {layer.name}"
-            )
-            if hit is None:
-                missing.append(layer)
-            else:
-                found[layer.name] = cached_layer(plan, layer, keys[layer.name], hit[1])
-        if missing:
-            found.update(extract_into_cache(plan, missing, keys, partial))
+        else:
+            found[layer.name] = cached_entry(plan, layer, keys[layer.name], hit[1])
+    if missing:
+        group = cache_key({"layers": sorted(keys[layer.name] for layer in missing)})
+        partial = plan.cache.root / "partial" / group
+        with exclusive_lock(partial.with_name(f"{group}.lock")) as waited:
+            if waited and not plan.cache.recompute:
+                # Another run on the same cache may have stored these layers while this one waited.
+                stored, missing = load_cached_layers(plan, missing, keys)
+                found.update(stored)
+            if missing:
+                found.update(extract_into_cache(plan, missing, keys, partial))
     return [found[layer.name] for layer in plan.layers]
 
 
-def cached_layer(plan: Plan, layer: ResolvedLayer, key: str, meta: dict[str, Any]) -> LayerActivations:
-    """Return the activations of ``layer`` stored in the cache entry ``key`` with metadata ``meta``."""
+def load_cached_layers(
+    plan: Plan, layers: list[ResolvedLayer], keys: dict[str, str]
+) -> tuple[dict[str, LayerActivations], list[ResolvedLayer]]:
+    """Return the activations of ``layers`` found in the cache, by layer name, and the layers not found."""
+    found: dict[str, LayerActivations] = {}
+    missing = []
+    for layer in layers:
+        hit = plan.cache.load("activations", keys[layer.name], f"activations of layer {layer.name}")
+        if hit is None:
+            missing.append(layer)
+        else:
+            found[layer.name] = cached_entry(plan, layer, keys[layer.name], hit[1])
+    return found, missing
+
+
+def cached_entry(plan: Plan, layer: ResolvedLayer, key: str, meta: dict[str, Any]) -> LayerActivations:
+    """Return the activations of ``layer`` in the cache entry ``key``, whose metadata is ``meta``."""
     return LayerActivations(
         layer=layer, path=plan.cache.entry_dir("activations", key) / "array.npy",
         output_shape=list(meta.get("output_shape", [])),
@@ -234,46 +239,48 @@ def extract_into_cache(
     found = {}
     if plan.cache.recompute and partial.exists():
         shutil.rmtree(partial)
-    extracted = run_executor(plan, missing, partial)
-    for activations in extracted:
-            name = activations.layer.name
-            path = plan.cache.store_file(
-                "activations",
-                keys[name],
-                activations.path,
-                {
-                    "description": f"{plan.target.spec} layer {name}, {len(plan.probe_set)} images",
-                    "output_shape": activations.output_shape,
-                    "layer_depth": activations.layer.depth,
-                },
-            )
-            found[name] = LayerActivations(layer=activations.layer, path=path, output_shape=activations.output_shape)
+    for activations in run_executor(plan, missing, partial):
+        name = activations.layer.name
+        path = plan.cache.store_file(
+            "activations",
+            keys[name],
+            activations.path,
+            {
+                "description": f"{plan.target.spec} layer {name}, {len(plan.probe_set)} images",
+                "output_shape": activations.output_shape,
+                "layer_depth": activations.layer.depth,
+            },
+        )
+        found[name] = LayerActivations(layer=activations.layer, path=path, output_shape=activations.output_shape)
     shutil.rmtree(partial, ignore_errors=True)
     return found
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[bool]:
     """Hold an exclusive lock on ``path`` (created when missing), waiting while another process holds it.
 
-    Runs that share a cache folder extract the same layers one after the
-    other instead of writing into one partial folder at once.  Where
-    ``fcntl`` is missing (Windows), no lock is taken.
+    Yields whether this run had to wait.  Runs that share a cache folder
+    thus extract the same layers one after the other instead of writing into
+    one partial folder at once.  Where ``fcntl`` is missing (Windows), no
+    lock is taken.
     """
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+b") as handle:
+        waited = False
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             logger.info("another run is extracting the same layers into %s; waiting for it", path.parent)
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            waited = True
         try:
-            yield
+            yield waited
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 

@@ -560,9 +560,8 @@ def evaluate(
         low, high, used = cluster_bootstrap_interval(
             aligned[rows, column], labels, patients, settings.bootstrap, settings.level, settings.seed
         )
-        random_values = [cell_auroc(scores, pairs, source, column) for scores in random_heads]
+        random_values, random_p95 = random_head_cell(random_heads, pairs, source, column)
         shuffled_values = [cell_auroc(scores, pairs, source, column) for scores in shuffled_heads]
-        random_p95 = float(np.quantile([float(item) for item in random_values if item is not None], 0.95))
         record.update(
             ci_low=low,
             ci_high=high,
@@ -581,6 +580,26 @@ def evaluate(
             )
         records.append(record)
     return records
+
+
+def close_matches(texts: Sequence[str], vocabulary: Sequence[str]) -> str:
+    """Return the vocabulary concepts equal to ``texts`` but for case and spaces, as "'a' for 'A'" pairs."""
+    folded = {" ".join(text.split()).casefold(): text for text in vocabulary}
+    pairs = []
+    for text in texts:
+        match = folded.get(" ".join(text.split()).casefold())
+        if match is not None:
+            pairs.append(f"{match!r} for {text!r}")
+    return ", ".join(pairs)
+
+
+def random_head_cell(
+    random_heads: Sequence[np.ndarray], pairs: Pairs, source: str, column: int
+) -> tuple[list[float | None], float | None]:
+    """Return the random heads' AUROCs in one (source, concept) cell and their 95th percentile (None if none is measured)."""
+    values = [cell_auroc(scores, pairs, source, column) for scores in random_heads]
+    measured = [float(item) for item in values if item is not None]
+    return values, float(np.quantile(measured, 0.95)) if measured else None
 
 
 def gate(ci_low: float | None, random_p95: float | None) -> tuple[bool, str]:

@@ -29,6 +29,7 @@ from mammo_dissect.core.alignment import TrainingConfig
 from mammo_dissect.core.alignment import cell_auroc
 from mammo_dissect.core.alignment import cluster_bootstrap_interval
 from mammo_dissect.core.alignment import gate
+from mammo_dissect.core.alignment import random_head_cell
 from mammo_dissect.core.errors import ConfigError
 
 
@@ -141,6 +142,11 @@ def paraphrase_variants(vocabulary: Sequence[str], table: Mapping[str, Sequence[
     ]
 
 
+def fragility_threshold(record: dict[str, Any]) -> float:
+    """Return the AUROC a concept's worst paraphrase must exceed: 0.5 or the random heads' 95th percentile."""
+    return max(0.5, record.get("random_head_p95") or 0.5)
+
+
 def paraphrase_checks(
     records: list[dict[str, Any]],
     pairs: Pairs,
@@ -167,7 +173,7 @@ def paraphrase_checks(
             record.update(paraphrase_worst_auroc=None, paraphrase_worst_text=None, paraphrase_fragile=None)
             continue
         worst = min(measured, key=lambda item: item["auroc"])
-        threshold = max(0.5, record.get("random_head_p95") or 0.5)
+        threshold = fragility_threshold(record)
         record.update(
             paraphrase_worst_auroc=worst["auroc"],
             paraphrase_worst_text=worst["text"],
@@ -212,9 +218,7 @@ def leave_out_section(
             left_out_scores[rows, column], labels, pairs.patients[rows], settings.bootstrap, settings.level,
             settings.seed,
         )
-        random_values = [cell_auroc(scores, pairs, source, column) for scores in random_heads]
-        measured = [float(item) for item in random_values if item is not None]
-        random_p95 = float(np.quantile(measured, 0.95)) if measured else None
+        _, random_p95 = random_head_cell(random_heads, pairs, source, column)
         passes, reason = gate(low, random_p95)
         results.append(
             {
@@ -247,7 +251,7 @@ def concept_warnings(records: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
                 f"the head's lower bound {record['ci_low']:.3f}"
             )
         if record.get("paraphrase_fragile") and above_chance(record):
-            threshold = max(0.5, record.get("random_head_p95") or 0.5)
+            threshold = fragility_threshold(record)
             found.append(
                 f"{record['source']}: the paraphrase {record['paraphrase_worst_text']!r} scores AUROC "
                 f"{record['paraphrase_worst_auroc']:.3f}, not above {threshold:.3f} (the larger of 0.5 and the "

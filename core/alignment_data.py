@@ -36,6 +36,7 @@ from mammo_dissect.core.cache import cache_key
 from mammo_dissect.core.errors import ConfigError
 from mammo_dissect.core.errors import ProbeSetError
 from mammo_dissect.core.fingerprint import probe_fingerprint
+from mammo_dissect.core.preprocessing import describe_preprocess
 from mammo_dissect.core.types import ProbeSet
 
 
@@ -338,7 +339,7 @@ def encoder_description(target: Any, loader: str, options: dict[str, Any], layer
         "weights_sha256": target.loaded.weights_sha256,
         "layer": layer,
         "pooling": pooling,
-        "preprocessing": preprocess.describe() if hasattr(preprocess, "describe") else repr(preprocess),
+        "preprocessing": describe_preprocess(preprocess),
     }
 
 

@@ -18,6 +18,7 @@ from mammo_dissect.core.alignment import AlignmentConfig
 from mammo_dissect.core.alignment import SourceConfig
 from mammo_dissect.core.alignment import build_pairs
 from mammo_dissect.core.alignment import card_timestamp
+from mammo_dissect.core.alignment import close_matches
 from mammo_dissect.core.alignment import evaluate
 from mammo_dissect.core.alignment import fold_heads
 from mammo_dissect.core.alignment import gated_concepts
@@ -110,9 +111,8 @@ def check_leave_out(names: list[str], vocabulary: list[str]) -> None:
     unknown = [name for name in names if name not in vocabulary]
     if not unknown:
         return
-    folded = {text.casefold(): text for text in vocabulary}
-    hints = [f"{folded[name.casefold()]!r} for {name!r}" for name in unknown if name.casefold() in folded]
-    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    hints = close_matches(unknown, vocabulary)
+    hint = f" (did you mean {hints}?)" if hints else ""
     raise ConfigError(
         f"training.leave_out names {', '.join(repr(name) for name in unknown)}, which no source labels{hint}; "
         f"use concepts of the vocabulary {vocabulary}"

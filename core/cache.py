@@ -56,13 +56,17 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def sha256_json(value: Any) -> str:
+    """Return the SHA-256 of ``value`` as JSON with sorted keys (values JSON cannot hold become strings)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
 def meta_checksum(meta: dict[str, Any]) -> str:
-    """Return the SHA-256 of an entry's metadata without its own ``meta_sha256`` field, in canonical JSON.
+    """Return the SHA-256 of an entry's metadata without its own ``meta_sha256`` field.
 
     Metadata carries results too (a layer's null statistics), so it is checked like the array.
     """
-    fields = {key: value for key, value in meta.items() if key != "meta_sha256"}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    return sha256_json({key: value for key, value in meta.items() if key != "meta_sha256"})
 
 
 @dataclass
@@ -166,8 +170,8 @@ class ArrayCache:
             try:
                 os.replace(staging, final)
             except OSError:
-                # Another run stored the same key between the two calls; keys are content
-                # addresses, so its entry holds the same array and is kept.
+                # Another run stored the same key between the two calls.  Keys are content
+                # addresses, so its entry contains the same array and is kept.
                 if not (final / ARRAY_FILE).is_file():
                     raise
                 logger.info("cache entry %s was stored by another run meanwhile; keeping it", final)

@@ -22,7 +22,7 @@ def align_train(config: Path, out_dir: Path) -> None:
     CONFIG is a TOML file described in docs/aligned.md.  The card records
     cross-validated AUROC per concept against random and shuffled-caption
     heads, a linear-probe ceiling, shortcut checks, unseen paraphrases and a
-    leave-concept-out run; only gated concepts can be used for dissection.
+    leave-concept-out run.  Only gated concepts can be used for dissection.
     """
     from mammo_dissect.core.alignment import train_alignment
 

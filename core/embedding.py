@@ -22,6 +22,7 @@ from mammo_dissect.core.errors import MammoDissectError
 from mammo_dissect.core.errors import ModelLoadError
 from mammo_dissect.core.errors import ProbeSetError
 from mammo_dissect.core.fingerprint import image_order
+from mammo_dissect.core.preprocessing import describe_preprocess
 from mammo_dissect.core.types import LoadedDissector
 from mammo_dissect.core.types import ProbeSet
 from mammo_dissect.core.types import Runtime
@@ -106,7 +107,7 @@ def embed_and_compare(
             f"concept embeddings of {loaded.spec}",
             lambda: encode_concepts(loaded, concepts, runtime),
         )
-        preprocessing = loaded.preprocess.describe() if hasattr(loaded.preprocess, "describe") else repr(loaded.preprocess)
+        preprocessing = describe_preprocess(loaded.preprocess)
         images = _cached(
             runtime, cache_parts, "image_embeddings",
             {

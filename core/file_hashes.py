@@ -21,11 +21,11 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
+from mammo_dissect.core.cache import write_bytes_atomic
 from mammo_dissect.core.weights import sha256_file
 
 
@@ -99,10 +99,8 @@ class FileHashes:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             records = self._read()
             records.update(self._new)
-            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
             payload = {"format": FILE_HASHES_FORMAT, "group": self.group, "files": records}
-            temporary.write_text(json.dumps(payload, separators=(",", ":")), encoding="utf-8")
-            os.replace(temporary, self.path)
+            write_bytes_atomic(self.path, json.dumps(payload, separators=(",", ":")).encode("utf-8"))
         except OSError as exc:
             logger.warning(
                 "could not write the file-hash records %s (%s); the next run hashes these files again",

@@ -397,3 +397,8 @@ def apply_preprocessing(probe_set: Any, configs: Sequence[Mapping[str, Any]]) ->
     probe_set.decoding = {**probe_set.decoding, "preprocessing": pipeline.describe()}
     logger.info("probe set %s: preprocessing steps %s", probe_set.reader, [s["step"] for s in pipeline.describe()])
     return probe_set
+
+
+def describe_preprocess(preprocess: Any) -> Any:
+    """Return ``preprocess.describe()`` for cache keys and records, or its ``repr`` when it has no describe()."""
+    return preprocess.describe() if hasattr(preprocess, "describe") else repr(preprocess)

@@ -19,6 +19,7 @@ import numpy as np
 
 from mammo_dissect import __version__
 from mammo_dissect.core.cache import cache_key
+from mammo_dissect.core.cache import sha256_json
 from mammo_dissect.core.errors import MammoDissectError
 from mammo_dissect.core.extraction import LayerActivations
 from mammo_dissect.core.extraction import NonFiniteActivationError
@@ -283,7 +284,7 @@ def score_key_parts(plan: Plan, evidence: ConceptEvidence, keep: np.ndarray) -> 
     config = plan.config
     patients = None
     if config.top_images_per_patient is not None:
-        patients = _sha256_json([record.patient_id for record in plan.images])
+        patients = sha256_json([record.patient_id for record in plan.images])
     return {
         "kind": "scores",
         "score_format": SCORE_CACHE_FORMAT,
@@ -292,7 +293,7 @@ def score_key_parts(plan: Plan, evidence: ConceptEvidence, keep: np.ndarray) -> 
         "numpy_version": np.__version__,
         "evidence": evidence.sha256(),
         "images_scored": hashlib.sha256(np.ascontiguousarray(keep, dtype=np.int64).tobytes()).hexdigest(),
-        "concept_texts": _sha256_json(plan.concepts.texts),
+        "concept_texts": sha256_json(plan.concepts.texts),
         "similarity": plan.similarity.name,
         "similarity_plugin_version": plan.registry.plugin_version("similarity function", plan.similarity.name),
         "similarity_params": json.loads(json.dumps(plan.similarity_params, sort_keys=True, default=str)),
@@ -314,10 +315,6 @@ def score_key(base: dict[str, Any], activation_key: str, activation_sha256: str 
     return cache_key({
         **base, "activations": activation_key, "activations_sha256": activation_sha256, "generator_seed": generator_seed,
     })
-
-
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
 def cached_layer_scores(

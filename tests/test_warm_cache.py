@@ -444,7 +444,8 @@ def test_extraction_lock_is_exclusive(tmp_path):
     from mammo_dissect.core.activations import exclusive_lock
 
     lock = tmp_path / "partial" / "group.lock"
-    with exclusive_lock(lock), lock.open("a+b") as other:
+    with exclusive_lock(lock) as waited, lock.open("a+b") as other:
+        assert waited is False
         with pytest.raises(BlockingIOError):
             fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     with lock.open("a+b") as other:
@@ -470,7 +471,7 @@ def test_run_reuses_layers_stored_while_waiting(tiny_config, tiny_registry, tmp_
         monkeypatch.setattr(activations, "exclusive_lock", original_lock)
         run_config(with_paths(tiny_config, tmp_path, "other"), tiny_registry)
         with original_lock(path):
-            yield
+            yield True  # this run waited for the other one
 
     monkeypatch.setattr(activations, "extract_into_cache", counting)
     monkeypatch.setattr(activations, "exclusive_lock", other_run_finishes_first)

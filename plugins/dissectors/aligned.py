@@ -25,6 +25,7 @@ from typing import Any
 
 from pydantic import Field
 
+from mammo_dissect.core.alignment import close_matches
 from mammo_dissect.core.alignment import load_card
 from mammo_dissect.core.errors import ConceptSetError
 from mammo_dissect.core.errors import ModelLoadError
@@ -115,17 +116,6 @@ def check_gated(card: dict[str, Any], concepts: Sequence[str], allow_ungated: bo
         f"Gated in: {', '.join(sorted(gated)) or 'none'}. Use only gated concepts, or set "
         f"dissector.options.allow_ungated = true to use them without support"
     )
-
-
-def close_matches(texts: Sequence[str], vocabulary: Sequence[str]) -> str:
-    """Return the vocabulary concepts equal to ``texts`` but for case and spaces, as "'a' for 'A'" pairs."""
-    folded = {" ".join(text.split()).casefold(): text for text in vocabulary}
-    pairs = []
-    for text in texts:
-        match = folded.get(" ".join(text.split()).casefold())
-        if match is not None:
-            pairs.append(f"{match!r} for {text!r}")
-    return ", ".join(pairs)
 
 
 def load_head(card: dict[str, Any]) -> torch.nn.Module:
